@@ -1,0 +1,151 @@
+"""PipelineModel: the Python API (from_pretrained, generate, stream, chat, logits)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .errors import NoTokenizerError
+from .runtime.engine import Engine, load_engine
+from .runtime.generation import GenerationResponse, GenerationStats, stream_generate
+from .runtime.sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def builtin_model_path(name: str = "main") -> Path:
+    """Path of a model shipped with pipeload ("main", or "draft" for the small sibling)."""
+    return Path(__file__).parent / "data" / f"pipeload-{name}.gguf"
+
+
+def _load_tokenizer(engine: Engine):
+    ckpt = engine.checkpoint
+    if ckpt.format == "gguf":
+        from .weights.gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(ckpt.config)
+    from .weights.tokenizer import load_hf_tokenizer
+
+    return load_hf_tokenizer(ckpt.path)
+
+
+class PipelineModel:
+    """A model ready to generate. Build it with `PipelineModel.from_pretrained(path, ...)`."""
+
+    def __init__(self, engine: Engine, tokenizer, options: dict[str, Any]):
+        self.engine = engine
+        self._tokenizer = tokenizer
+        self.options = options
+        self.stats: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype: str = "float32",
+                        threads: int | None = None, **options: Any) -> "PipelineModel":
+        """Load a GGUF file or Hugging Face folder (None: the built-in model).
+
+        Raises ModelFileError / UnsupportedModelError (subclasses of PipeloadError) on bad input.
+        """
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        unknown = set(options) - {"device"}
+        if unknown:
+            raise TypeError(f"unknown options {sorted(unknown)}")
+        if options.get("device", "cpu") != "cpu":
+            raise ValueError(f"device {options['device']!r} is not supported: pipeload runs on the CPU")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        engine = load_engine(builtin_model_path() if path is None else path, DTYPES[dtype])
+        return cls(engine, _load_tokenizer(engine), {"dtype": dtype, **options})
+
+    # -- introspection -------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (encode / decode); raises NoTokenizerError if it has none."""
+        if self._tokenizer is None:
+            raise NoTokenizerError(f"{self.engine.checkpoint.path} has no tokenizer: use token ids with logits(), "
+                                   "or add tokenizer.json to the model folder")
+        return self._tokenizer
+
+    @property
+    def args(self):
+        return self.engine.args
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    def size_gb(self) -> float:
+        """Bytes of the model's weights on disk, in GB (10^9)."""
+        return self.engine.index.total_bytes / 1e9
+
+    # -- computing -----------------------------------------------------------------------------
+
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits (T, V) for every position of one sequence, or (B, T, V) for a (B, T) batch."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        single = ids.dim() == 1
+        ids = ids[None] if single else ids
+        if ids.numel() == 0:
+            raise ValueError("logits() needs at least one token")
+        bad = (ids < 0) | (ids >= self.args.vocab_size)
+        if bad.any():
+            raise ValueError(f"token id {int(ids[bad][0])} is outside the vocabulary (0..{self.args.vocab_size - 1})")
+        if ids.shape[1] > self.context_length:
+            from .errors import ContextLengthError
+
+            raise ContextLengthError(f"{ids.shape[1]} tokens exceed the model's context of {self.context_length}")
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        out = self.engine.executor.forward(ids, positions, cache=None)
+        return out[0] if single else out
+
+    def _sampling(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                  seed=None) -> SamplingParams:
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+
+    def stream(self, prompt: str | Sequence[int] | list, max_tokens: int = 256, stop: Sequence[str] | str = (),
+               **sampling: Any) -> Iterator[GenerationResponse]:
+        """Yield GenerationResponse objects (text delta, token, finish reason, running figures).
+
+        `prompt` is a string, a list of token ids, or a list of those (a batch)."""
+        prompts = self._as_batch(prompt)
+        stats = GenerationStats()
+        self.stats = {}
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        ignore_eos = sampling.pop("ignore_eos", False)
+        sampling.pop("batch_size", None)  # batching follows the number of prompts
+        params = self._sampling(**sampling)
+        try:
+            yield from stream_generate(self.engine, self._tokenizer, prompts, params, max_tokens, stop, stats,
+                                       ignore_eos=ignore_eos)
+        finally:
+            self.stats = stats.as_dict()
+
+    def generate(self, prompt: str | list, max_tokens: int = 256, stop: Sequence[str] | str = (),
+                 **sampling: Any) -> str | list[str]:
+        """The generated text (a list of texts for a list of prompts)."""
+        texts = [""] * len(self._as_batch(prompt))
+        for r in self.stream(prompt, max_tokens=max_tokens, stop=stop, **sampling):
+            texts[r.sequence] += r.text
+        return texts if self._is_batch(prompt) else texts[0]
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, stream: bool = False, **sampling: Any):
+        """Reply to a conversation using the model's chat template (text, or a stream of responses)."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        responses = self.stream(ids, max_tokens=max_tokens, **sampling)
+        return responses if stream else "".join(r.text for r in responses)
+
+    @staticmethod
+    def _is_batch(prompt) -> bool:
+        return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
+
+    def _as_batch(self, prompt) -> list:
+        if self._is_batch(prompt):
+            return list(prompt)
+        return [prompt]

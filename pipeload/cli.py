@@ -1,0 +1,135 @@
+"""The `pipeload` command: run | inspect | convert (more subcommands register in COMMANDS).
+
+Each subcommand is a thin consumer of the Python API and runtime; heavy modules are imported
+inside the command that needs them, so `pipeload --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .errors import PipeloadError
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype for float weights (default float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temperature", "--temp", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.1, help="1 = off (default 1.1)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same tokens (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .api import PipelineModel
+    from .runtime.memory import format_bytes
+
+    model = PipelineModel.from_pretrained(a.model, dtype=a.dtype, threads=a.threads)
+    sampling = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
+    if a.chat:
+        stream = model.chat([{"role": "user", "content": a.prompt}], stream=True, **sampling)
+    else:
+        sys.stdout.write(a.prompt)
+        stream = model.stream(a.prompt, **sampling)
+    reason = None
+    for r in stream:
+        sys.stdout.write(r.text)
+        sys.stdout.flush()
+        reason = r.finish_reason or reason
+    st = model.stats
+    sys.stdout.write("\n")
+    print(f"\n[{model.engine.checkpoint.path.name}] prompt: {st['prompt_tokens']} tokens, {st['prompt_tps']:.1f} tok/s"
+          f" | generation: {st['generation_tokens']} tokens, {st['generation_tps']:.1f} tok/s"
+          f" | peak memory: {format_bytes(st['peak_rss'])} | finish: {reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .inspect import describe
+
+    print(describe(a.model))
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .convert import convert
+    from .runtime.memory import format_bytes
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="converting", disable=a.quiet)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    report = convert(a.src, a.output, quant=a.quant, progress=progress)
+    bar.close()
+    print(f"wrote {report.path} ({report.tensors} tensors, {format_bytes(report.bytes_written)}); "
+          f"peak memory {format_bytes(report.peak_rss)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeload", description="Run transformer models larger than memory.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="generate text (default model: the built-in one)")
+    p.add_argument("model", nargs="?", default=None, help="GGUF file or HF folder (default: built-in model)")
+    p.add_argument("-p", "--prompt", default="def fibonacci(n):", help="prompt text")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    _add_sampling_options(p)
+    _add_model_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="architecture, parameters, per-layer bytes and quant types")
+    p.add_argument("model", help="GGUF file or HF folder")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="write a GGUF file (layer by layer, bounded memory)")
+    p.add_argument("src", help="HF folder or GGUF file")
+    p.add_argument("-o", "--output", required=True, help="output .gguf path")
+    p.add_argument("--quant", default="f16", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"pipeload {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = a.func
+    try:
+        return func(a)
+    except PipeloadError as e:
+        print(f"pipeload: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        print(f"pipeload: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\npipeload: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Pieces shared by the architectures: linear, norms, rotary embeddings, cached attention.
+
+Pure torch, no I/O. Modules are built on the `meta` device and get their weights assigned by the
+loader, so no second copy of a weight ever exists. Attribute names follow GGUF tensor names
+(`attn_q`, `ffn_down`, ...) so loading needs no renaming table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x @ W^T + b with W of shape (out_features, in_features); weights assigned at load."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device="meta"), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in float32 like the reference implementations, then cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(dim, device="meta"), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim, device="meta"), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """How rotary embeddings are applied.
+
+    style: "neox" rotates the two halves of each head (Hugging Face layout, GGUF qwen2);
+           "interleaved" rotates adjacent pairs (GGUF llama, whose q/k rows llama.cpp permuted).
+    dim:   number of leading head dimensions that rotate (= head_dim unless partial rotary).
+    scaling: None, ("linear", factor) or ("llama3", factor, low_freq_factor, high_freq_factor,
+             original_max_position_embeddings).
+    """
+
+    dim: int
+    theta: float = 10000.0
+    style: str = "neox"
+    scaling: tuple | None = None
+
+
+def rope_inv_freq(cfg: RopeConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies (dim/2,) float32, with the configured scaling or llama.cpp freq factors."""
+    inv_freq = 1.0 / (cfg.theta ** (torch.arange(0, cfg.dim, 2, dtype=torch.int64).float() / cfg.dim))
+    if freq_factors is not None:  # GGUF rope_freqs tensor: llama.cpp divides theta by it
+        return inv_freq / freq_factors.float()
+    if cfg.scaling is None:
+        return inv_freq
+    kind = cfg.scaling[0]
+    if kind == "linear":
+        return inv_freq / cfg.scaling[1]
+    if kind == "llama3":
+        _, factor, low_ff, high_ff, old_ctx = cfg.scaling
+        low_wavelen, high_wavelen = old_ctx / low_ff, old_ctx / high_ff
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low_ff) / (high_ff - low_ff)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unknown rope scaling {kind!r}")
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, dim/2) float32 for integer positions (B, T)."""
+    angles = positions.float()[..., None] * inv_freq  # (B, T, dim/2)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate the first 2*cos.shape[-1] dims of x (B, H, T, hd) by the given angles."""
+    rot = 2 * cos.shape[-1]
+    xr, rest = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
+    xf = xr.float()
+    if style == "neox":
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:  # interleaved pairs (x0, x1), (x2, x3), ...
+        pairs = xf.unflatten(-1, (-1, 2))
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    out = out.to(x.dtype)
+    return out if rest is None else torch.cat((out, rest), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the executor hands every block for one forward step
+
+
+class LayerKV(Protocol):
+    """One layer's KV cache: stores new keys/values and returns all keys/values to attend to."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, Hkv, T, hd) for the step's positions -> (B, Hkv, S, hd) keys/values so far."""
+        ...
+
+
+@dataclass
+class StepInputs:
+    """Per-step tensors shared by all layers.
+
+    positions: (B, T) absolute position of every new token
+    mask:      (B, 1, T, S) bool, True where a query may attend; None means plain causal
+               attention over a cache that starts at position 0 for every sequence
+    cos, sin:  rotary tables (B, 1, T, rot/2), or None for architectures without rope
+    """
+
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV | None,
+                     step: StepInputs, scale: float | None = None) -> torch.Tensor:
+    """Attention of q (B, H, T, hd) over cached plus new k, v (B, Hkv, T, hd) -> (B, T, H*hd)."""
+    if kv is not None:
+        k, v = kv.update(k, v)  # (B, Hkv, S, hd)
+    gqa = q.shape[1] != k.shape[1]
+    if step.mask is None:
+        # causal with the new tokens at the end of the keys (T == S when there is no prefix)
+        causal = q.shape[2] > 1
+        if causal and k.shape[2] != q.shape[2]:
+            raise ValueError("a prefix cache needs an explicit mask")
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=gqa)
+    B, H, T, hd = out.shape
+    return out.transpose(1, 2).reshape(B, T, H * hd)

@@ -1,0 +1,108 @@
+"""Writing GGUF: typed metadata values and a Hugging Face tokenizer as GGUF tokenizer metadata."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from gguf import GGUFValueType, GGUFWriter
+
+from ..errors import UnsupportedModelError
+
+# token types as llama.cpp numbers them
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# the pre-tokenizer regexes llama.cpp knows by name (tokenizer.ggml.pre)
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_BY_REGEX = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+
+
+def add_value(w: GGUFWriter, key: str, value: Any) -> None:
+    """Add a metadata value with llama.cpp's usual type: ints as uint32 (int32 if negative), floats as
+    float32, lists as arrays."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value) if 0 <= value < 2**32 else w.add_int64(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        w.add_array(key, list(value))
+    else:
+        raise TypeError(f"cannot write metadata {key}={value!r}")
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+    """GGUF tokenizer.ggml.pre for a tokenizer.json byte-level pre-tokenizer."""
+    if not pre:
+        return "default"
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        if step.get("type") == "Split":
+            regex = step.get("pattern", {}).get("Regex")
+            if regex in _PRE_BY_REGEX:
+                return _PRE_BY_REGEX[regex]
+            raise UnsupportedModelError(f"unknown pre-tokenizer regex {regex!r}: cannot name it for llama.cpp")
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            return "gpt-2"
+    return "default"
+
+
+def hf_tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
+    """GGUF tokenizer.* metadata for a folder's byte-level BPE tokenizer.json ({} if it has none)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return {}
+    tok = json.loads(path.read_text())
+    model = tok.get("model", {})
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("decoder")):
+        raise UnsupportedModelError(
+            f"{path}: only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style) can be exported to GGUF so far")
+    vocab: dict[str, int] = dict(model["vocab"])
+    types = {i: NORMAL for i in vocab.values()}
+    for added in tok.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+        types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+    n = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    token_types = [UNUSED] * n
+    for text, i in vocab.items():
+        tokens[i], token_types[i] = text, types[i]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+    def token_id(key: str) -> int | None:
+        t = config.get(key)
+        t = t.get("content") if isinstance(t, dict) else t
+        return vocab.get(t) if isinstance(t, str) else None
+
+    meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(tok.get("pre_tokenizer")),
+                            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": token_types,
+                            "tokenizer.ggml.merges": merges}
+    for key, gguf_key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                          ("pad_token", "padding_token_id"), ("unk_token", "unknown_token_id")):
+        i = token_id(key)
+        if i is not None:
+            meta[f"tokenizer.ggml.{gguf_key}"] = i
+    if "add_bos_token" in config:
+        meta["tokenizer.ggml.add_bos_token"] = bool(config["add_bos_token"])
+    template = config.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    if isinstance(template, str):
+        meta["tokenizer.chat_template"] = template
+    return meta
+
+
+def safe_model_name(path: Path) -> str:
+    return re.sub(r"\.gguf$", "", path.name)
