@@ -26,9 +26,13 @@ def decode_tensor(ref: TensorRef, raw: torch.Tensor, dtype: torch.dtype) -> torc
     if plain is not None:
         t = raw.view(plain).view(info.shape)
     else:
+        from gguf import GGMLQuantizationType
+
         from ..quant import dequantize
 
-        t = dequantize(raw, info.dtype, info.shape)
+        if info.dtype not in GGMLQuantizationType.__members__:
+            raise UnsupportedModelError(f"tensor {ref.name!r} has unknown type {info.dtype!r}")
+        t = dequantize(raw, GGMLQuantizationType[info.dtype], info.shape, out_dtype=dtype)
     if ref.transform == "transpose":
         t = t.t()
     return t.to(dtype).contiguous() if t.dtype != dtype or not t.is_contiguous() else t
