@@ -192,9 +192,9 @@ def stream_generate(engine: Engine, tokenizer, prompts: Sequence[str | Sequence[
             if not is_eos:
                 out_ids[s].append(tok)
                 if detok[s] is not None:
-                    text[s] += detok[s].add_token(tok)
+                    text[s] += detok[s].add(tok)
             if reason is not None and detok[s] is not None:
-                text[s] += detok[s].finalize()
+                text[s] += detok[s].finish()
             end = len(text[s])
             if stop:
                 hit = min((i for i in (text[s].find(x, max(0, sent[s] - len(x))) for x in stop) if i >= 0), default=-1)

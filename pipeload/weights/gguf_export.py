@@ -94,8 +94,10 @@ def hf_tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
         i = token_id(key)
         if i is not None:
             meta[f"tokenizer.ggml.{gguf_key}"] = i
-    if "add_bos_token" in config:
-        meta["tokenizer.ggml.add_bos_token"] = bool(config["add_bos_token"])
+    from .tokenizer import load_hf_tokenizer
+
+    loaded = load_hf_tokenizer(folder)  # knows whether tokenizer.json's post-processor adds BOS
+    meta["tokenizer.ggml.add_bos_token"] = bool(loaded.add_bos_token if loaded is not None else config.get("add_bos_token"))
     template = config.get("chat_template")
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
