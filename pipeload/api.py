@@ -13,8 +13,7 @@ from .runtime.engine import Engine, load_engine
 from .runtime.generation import GenerationResponse, GenerationStats, stream_generate
 from .runtime.sampling import SamplingParams
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def builtin_model_path(name: str = "main") -> Path:
@@ -43,7 +42,7 @@ class PipelineModel:
         self.stats: dict[str, Any] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype: str = "float32",
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype: str = "auto",
                         threads: int | None = None, **options: Any) -> "PipelineModel":
         """Load a GGUF file or Hugging Face folder (None: the built-in model).
 

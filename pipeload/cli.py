@@ -1,4 +1,4 @@
-"""The `pipeload` command: run | inspect | convert (more subcommands register in COMMANDS).
+"""The `pipeload` command: run | inspect | convert | serve (more subcommands register in COMMANDS).
 
 Each subcommand is a thin consumer of the Python API and runtime; heavy modules are imported
 inside the command that needs them, so `pipeload --help` stays instant.
@@ -14,8 +14,9 @@ from .errors import PipeloadError
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype for float weights (default float32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: float32 for F32 files, else bfloat16 with packed 4/8-bit kernels; "
+                        "float32: everything dequantized (exact, slow, large)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -82,6 +83,43 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .runtime.memory import parse_size
+    from .server.serve import ServeConfig, serve
+
+    return serve(ServeConfig(
+        models=a.models, host=a.host, port=a.port, memory_limit=parse_size(a.memory_limit),
+        total_memory=parse_size(a.total_memory), max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.ctx_size,
+        exact=not a.fast_batching, dtype=a.dtype, threads=a.threads, preload=a.preload,
+        drain_timeout=a.drain_timeout, log_level=a.log_level))
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over one or more models",
+                       description="Serve models behind an OpenAI-compatible API (/v1/completions, "
+                                   "/v1/chat/completions, /v1/models), with /health, /metrics and a chat page at /.")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="GGUF file or HF folder, optionally aliased as name=path (default: the built-in model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--memory-limit", default=None, help="memory budget of each model's worker, e.g. 2GB")
+    p.add_argument("--total-memory", default=None,
+                   help="budget for all workers together; least recently used idle models are unloaded to fit")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot per model; beyond it: 429 (default 64)")
+    p.add_argument("--ctx-size", type=int, default=None, help="context per sequence (default: the model's)")
+    p.add_argument("--fast-batching", action="store_true",
+                   help="share matrix products across the batch: faster, but batched tokens may differ from a "
+                        "lone run's at near-ties (default: bit-identical)")
+    p.add_argument("--preload", action="store_true", help="load every model at start instead of on first use")
+    p.add_argument("--drain-timeout", type=float, default=300.0,
+                   help="seconds to let in-flight requests finish on SIGTERM / Ctrl-C (default 300)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_model_options(p)
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeload", description="Run transformer models larger than memory.")
     parser.add_argument("--version", action="version", version=_version())
@@ -105,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="f16", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
+
+    _add_serve_parser(sub)
     return parser
 
 

@@ -15,18 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class Linear(nn.Module):
-    """y = x @ W^T + b with W of shape (out_features, in_features); weights assigned at load."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device="meta"), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+from ..quant.linear import Linear  # noqa: F401  (re-exported for the architectures)
 
 
 class RMSNorm(nn.Module):

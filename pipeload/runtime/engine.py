@@ -18,7 +18,7 @@ from ..weights.index import WeightsIndex, build_index
 from ..weights.io import RangeReader
 from .executor import Executor, ResidentLayers
 from .kv_cache import KVCache
-from .loader import assign_weights, read_group, strip_prefix
+from .loader import attach_weights, decode_tensor, read_raw
 
 
 @dataclass
@@ -65,23 +65,35 @@ def model_args(ckpt: Checkpoint) -> tuple[ModuleType, Any]:
     return arch, args
 
 
-def load_engine(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Engine:
-    """Open a GGUF file or HF folder and load every layer resident; raises PipeloadError subclasses."""
+def resolve_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> tuple[torch.dtype, bool]:
+    """(compute dtype, native kernels?) — by default float32 when every weight matrix is stored
+    F32 (the exact path), else bfloat16 with kernel-native packed weights."""
+    if dtype is None:
+        all_f32 = all(t.dtype in ("F32", "F64") for t in ckpt.tensors.values() if len(t.shape) >= 2)
+        dtype = torch.float32 if all_f32 else torch.bfloat16
+    return dtype, dtype == torch.bfloat16
+
+
+def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Engine:
+    """Open a GGUF file or HF folder and load every layer resident; raises PipeloadError subclasses.
+
+    dtype None picks float32 for all-F32 files, else bfloat16 with quantized matrices kept packed."""
     ckpt = open_checkpoint(path)
     arch, args = model_args(ckpt)
+    dtype, native = resolve_dtype(ckpt, dtype)
     index = build_index(ckpt, args.n_layers, getattr(arch, "HF_NAME_RULES", None), args.tie_embeddings)
     model = arch.Model(args)
     with RangeReader() as reader:
-        outer = read_group([index.groups["embed"], index.groups["head"]], reader, dtype)
+        outer = read_raw([index.groups["embed"], index.groups["head"]], reader)
         rope_freqs = outer.pop("rope_freqs.weight", None)
         if rope_freqs is not None:
-            model.rope_freqs = rope_freqs
-        assign_weights(model, outer, f"{ckpt.path}: embeddings and head")
+            model.rope_freqs = decode_tensor(*rope_freqs, torch.float32)
+        attach_weights(model, outer, "", dtype, native, f"{ckpt.path}: embeddings and head")
         blocks = []
         for i in range(args.n_layers):
             block = model.new_block(i)
-            tensors = strip_prefix(read_group([index.block(i)], reader, dtype), f"blk.{i}.")
-            assign_weights(block, tensors, f"{ckpt.path}: layer {i}")
+            attach_weights(block, read_raw([index.block(i)], reader), f"blk.{i}.", dtype, native,
+                           f"{ckpt.path}: layer {i}")
             blocks.append(block)
     executor = Executor(model, ResidentLayers(blocks), args.n_layers, args.sliding_window)
     return Engine(checkpoint=ckpt, arch=arch, args=args, index=index, model=model, executor=executor, dtype=dtype)

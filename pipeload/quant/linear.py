@@ -1,0 +1,115 @@
+"""Quantized linear layers that compute on packed weights (drop-in for models.common.Linear).
+
+Two kernel-native formats, both PyTorch CPU kernels with bf16 activations:
+- Int4Linear: 4-bit weights in groups with a (scale, zero) pair per group,
+  weight = (q - 8) * scale + zero, through `aten._weight_int4pack_mm_for_cpu`.
+- Int8Linear: 8-bit weights with one scale per output row, through `aten._weight_int8pack_mm`.
+
+For one or a few tokens (decode) the packed kernels read 4 or 8 bits per weight and are the
+fast path. For many tokens (a prompt) the weight is unpacked once to bf16 and multiplied with
+`F.linear`, whose blocked GEMM is faster there (the crossover, PREFILL_ROWS, was measured).
+The tensors are buffers, so the loader can attach views into a streaming buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_TILE_N = 64  # rows per tile of the CPU int4pack layout
+PREFILL_ROWS = 16  # at or above this many token rows, unpack to bf16 and use F.linear
+
+
+def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+class Linear(nn.Module):
+    """y = x @ W^T + b with W of shape (out_features, in_features); weights assigned at load."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device="meta"), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] in the CPU kernel's layout for integer weights q in 0..15 of shape [N, K]."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of pack_int4 (N a multiple of 64): uint8 [N, K] values 0..15.
+
+    The layout tiles rows by 64; within a tile, for each k, 32 bytes hold rows i (low nibble)
+    and i + 32 (high nibble)."""
+    tiles = packed.reshape(n // INT4_TILE_N, k, INT4_TILE_N // 2)  # (N/64, K, 32)
+    lo, hi = tiles & 15, tiles >> 4
+    return torch.cat((lo, hi), dim=2).transpose(1, 2).reshape(n, k)
+
+
+class Int4Linear(nn.Module):
+    """4-bit group-quantized linear layer; N must be a multiple of 64, K of the group size."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False):
+        super().__init__()
+        if out_features % INT4_TILE_N or in_features % group_size:
+            raise ValueError(f"Int4Linear needs out_features % {INT4_TILE_N} == 0 and in_features % group == 0, "
+                             f"got {out_features}x{in_features} with group {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", _meta(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_zeros", _meta(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
+        self.register_buffer("bias", _meta(out_features, dtype=torch.bfloat16) if bias else None)
+
+    @staticmethod
+    def can_hold(out_features: int, in_features: int, group_size: int) -> bool:
+        return out_features % INT4_TILE_N == 0 and in_features % group_size == 0
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as bf16 (N, K)."""
+        q = unpack_int4(self.qweight, self.out_features, self.in_features)
+        G = self.group_size
+        sz = self.scales_zeros.transpose(0, 1)  # (N, K/G, 2)
+        w = (q.view(self.out_features, -1, G).to(torch.bfloat16) - 8) * sz[..., :1] + sz[..., 1:]
+        return w.view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (M, K)
+        if x2.shape[0] >= PREFILL_ROWS:
+            y = F.linear(x2, self.dequantized())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """8-bit linear layer with one scale per output row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", _meta(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", _meta(out_features, dtype=torch.bfloat16))
+        self.register_buffer("bias", _meta(out_features, dtype=torch.bfloat16) if bias else None)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.to(torch.bfloat16) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (M, K)
+        if x2.shape[0] >= PREFILL_ROWS:
+            y = F.linear(x2, self.dequantized())
+        else:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
