@@ -43,22 +43,57 @@ class PipelineModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype: str = "auto",
-                        threads: int | None = None, **options: Any) -> "PipelineModel":
+                        memory_limit: str | int | None = None, prefetch_depth: int = 2, parallel_loading: bool = True,
+                        batch_size: int = 1, ctx: int | None = None, io_mode: str = "auto",
+                        threads: int | None = None, device: str = "cpu", cache_dir: str | os.PathLike | None = None,
+                        progress: bool = False) -> "PipelineModel":
         """Load a GGUF file or Hugging Face folder (None: the built-in model).
 
-        Raises ModelFileError / UnsupportedModelError (subclasses of PipeloadError) on bad input.
+        memory_limit ("2GB", "1536MiB", bytes or None) caps peak RSS: what fits stays resident,
+        the rest streams from disk, `prefetch_depth` layers ahead, with several reads in flight if
+        `parallel_loading`. `batch_size` and `ctx` size the KV cache the plan reserves.
+        Raises ModelFileError / UnsupportedModelError / MemoryBudgetError (PipeloadError) on bad input.
         """
+        from .runtime.memory import parse_size
+
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        unknown = set(options) - {"device"}
-        if unknown:
-            raise TypeError(f"unknown options {sorted(unknown)}")
-        if options.get("device", "cpu") != "cpu":
-            raise ValueError(f"device {options['device']!r} is not supported: pipeload runs on the CPU")
+        if device != "cpu":
+            raise ValueError(f"device {device!r} is not supported: pipeload runs on the CPU")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if threads is not None:
             torch.set_num_threads(threads)
-        engine = load_engine(builtin_model_path() if path is None else path, DTYPES[dtype])
-        return cls(engine, _load_tokenizer(engine), {"dtype": dtype, **options})
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=0, desc="building kernel-native cache", unit="layer")
+
+        def on_progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+        engine = load_engine(builtin_model_path() if path is None else path, DTYPES[dtype],
+                             memory_limit=parse_size(memory_limit), context=ctx, batch=batch_size,
+                             prefetch_depth=prefetch_depth, parallel_loading=parallel_loading, io_mode=io_mode,
+                             cache_dir=None if cache_dir is None else Path(cache_dir), progress=on_progress)
+        if bar is not None:
+            bar.close()
+        options = {"dtype": dtype, "memory_limit": memory_limit, "prefetch_depth": prefetch_depth,
+                   "parallel_loading": parallel_loading, "batch_size": batch_size, "ctx": ctx}
+        return cls(engine, _load_tokenizer(engine), options)
+
+    @property
+    def plan(self):
+        """The memory plan (runtime.planner.Plan) when a memory_limit was given, else None."""
+        return self.engine.plan
+
+    def close(self) -> None:
+        """Stop the background readers of a streamed model."""
+        self.engine.close()
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -119,11 +154,29 @@ class PipelineModel:
         ignore_eos = sampling.pop("ignore_eos", False)
         sampling.pop("batch_size", None)  # batching follows the number of prompts
         params = self._sampling(**sampling)
+        plan = self.engine.plan
+        if plan is not None and len(prompts) > plan.batch:
+            raise ValueError(f"{len(prompts)} prompts exceed the batch of {plan.batch} the memory plan reserved; "
+                             f"load with batch_size={len(prompts)} (or pass fewer prompts)")
+        stream_stats = self.engine.stream_stats
+        read_before = stream_stats.bytes_read if stream_stats is not None else 0
         try:
             yield from stream_generate(self.engine, self._tokenizer, prompts, params, max_tokens, stop, stats,
                                        ignore_eos=ignore_eos)
         finally:
-            self.stats = stats.as_dict()
+            self.stats = self._figures(stats, read_before)
+
+    def _figures(self, stats: GenerationStats, read_before: int) -> dict[str, Any]:
+        figures = stats.as_dict()
+        stream = self.engine.stream_stats
+        if stream is not None:
+            figures["bytes_read"] = stream.bytes_read - read_before
+            figures["stream"] = stream.as_dict()
+        if self.engine.plan is not None:
+            figures["plan"] = self.engine.plan
+        if self.engine.executor.profile:
+            figures["layer_seconds"] = list(self.engine.executor.layer_seconds)
+        return figures
 
     def generate(self, prompt: str | list, max_tokens: int = 256, stop: Sequence[str] | str = (),
                  **sampling: Any) -> str | list[str]:

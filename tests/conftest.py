@@ -1,4 +1,6 @@
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see pipeload/__init__.py
 import sys
 from pathlib import Path
 

@@ -93,3 +93,17 @@ def requantization_error(raw: torch.Tensor, qtype: T, shape: tuple[int, int]) ->
     m = native_linear(raw, qtype, shape)
     got = m.dequantized().float() if hasattr(m, "dequantized") else m.weight.float()
     return float((got - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt())
+
+
+def native_nbytes(qtype: T, shape: tuple[int, ...], dtype: torch.dtype, is_matrix: bool) -> int:
+    """Bytes a tensor occupies once loaded: packed kernel formats for quantized matrices in the
+    bf16 path (the rules of native_linear), else `dtype` elements."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if dtype != torch.bfloat16 or not is_matrix or len(shape) != 2 or qtype in FLOAT_TYPES:
+        return numel * torch.empty(0, dtype=dtype).element_size()
+    n, k = shape
+    if qtype in INT4_TYPES and Int4Linear.can_hold(n, k, GROUP):
+        return n * k // 2 + (k // GROUP) * n * 2 * 2  # packed nibbles + bf16 (scale, zero) per group
+    return n * k + n * 2  # int8 + one bf16 scale per row

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -32,10 +33,20 @@ class Engine:
     model: nn.Module
     executor: Executor
     dtype: torch.dtype
+    context: int = 0                 # positions a sequence may use (<= the model's context)
+    plan: Any = None                 # runtime.planner.Plan when a memory budget was given
+    io_mode: str | None = None       # "direct" or "buffered" when layers stream
 
     @property
     def context_length(self) -> int:
-        return self.args.context_length
+        return self.context or self.args.context_length
+
+    @property
+    def stream_stats(self):
+        return getattr(self.executor.layers, "stats", None)
+
+    def close(self) -> None:
+        self.executor.layers.close()
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         a = self.args
@@ -74,26 +85,79 @@ def resolve_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> tuple[torch.dt
     return dtype, dtype == torch.bfloat16
 
 
-def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Engine:
-    """Open a GGUF file or HF folder and load every layer resident; raises PipeloadError subclasses.
+def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memory_limit: int | None = None,
+                context: int | None = None, batch: int = 1, prefetch_depth: int = 2, parallel_loading: bool = True,
+                io_mode: str = "auto", cache_dir: Path | None = None, progress=None) -> Engine:
+    """Open a GGUF file or HF folder and make it runnable; raises PipeloadError subclasses.
 
-    dtype None picks float32 for all-F32 files, else bfloat16 with quantized matrices kept packed."""
+    dtype None picks float32 for all-F32 files, else bfloat16 with quantized matrices kept packed.
+    With memory_limit (bytes), the planner decides which layer groups stay resident and which
+    stream from the kernel-native cache (built on first use) through a prefetch ring."""
     ckpt = open_checkpoint(path)
     arch, args = model_args(ckpt)
     dtype, native = resolve_dtype(ckpt, dtype)
+    context = min(context or args.context_length, args.context_length)
     index = build_index(ckpt, args.n_layers, getattr(arch, "HF_NAME_RULES", None), args.tie_embeddings)
     model = arch.Model(args)
+    plan = None
+    if memory_limit is not None:
+        from .memory import current_rss
+        from .planner import make_plan
+        from .streaming import keep_torch_quiet
+
+        keep_torch_quiet()
+        plan = make_plan(index, args, dtype, memory_limit, current_rss(), context, batch, prefetch_depth)
     with RangeReader() as reader:
         outer = read_raw([index.groups["embed"], index.groups["head"]], reader)
         rope_freqs = outer.pop("rope_freqs.weight", None)
         if rope_freqs is not None:
             model.rope_freqs = decode_tensor(*rope_freqs, torch.float32)
-        attach_weights(model, outer, "", dtype, native, f"{ckpt.path}: embeddings and head")
-        blocks = []
-        for i in range(args.n_layers):
-            block = model.new_block(i)
-            attach_weights(block, read_raw([index.block(i)], reader), f"blk.{i}.", dtype, native,
-                           f"{ckpt.path}: layer {i}")
-            blocks.append(block)
-    executor = Executor(model, ResidentLayers(blocks), args.n_layers, args.sliding_window)
-    return Engine(checkpoint=ckpt, arch=arch, args=args, index=index, model=model, executor=executor, dtype=dtype)
+        cached = None
+        if plan is not None and not plan.streamed:
+            from .native_cache import cache_folder, open_native_cache
+
+            cached = open_native_cache(cache_folder(ckpt.path, dtype, cache_dir))
+        if (plan is None or not plan.streamed) and cached is None:
+            attach_weights(model, outer, "", dtype, native, f"{ckpt.path}: embeddings and head")
+            blocks = []
+            for i in range(args.n_layers):
+                block = model.new_block(i)
+                attach_weights(block, read_raw([index.block(i)], reader), f"blk.{i}.", dtype, native,
+                               f"{ckpt.path}: layer {i}")
+                blocks.append(block)
+            layers, chosen_io = ResidentLayers(model, blocks), None
+        else:
+            embed = {k: v for k, v in outer.items() if not k.startswith("output")}
+            attach_weights(model, embed, "", dtype, native, f"{ckpt.path}: embeddings",
+                           only=("token_embd", "position_embd"))
+            del outer, embed
+            layers, chosen_io = _streamed_layers(ckpt, args, index, model, plan, dtype, native, io_mode,
+                                                 parallel_loading, cache_dir, progress)
+    executor = Executor(model, layers, args.n_layers, args.sliding_window)
+    return Engine(checkpoint=ckpt, arch=arch, args=args, index=index, model=model, executor=executor, dtype=dtype,
+                  context=context, plan=plan, io_mode=chosen_io)
+
+
+def _streamed_layers(ckpt, args, index, model, plan, dtype, native, io_mode, parallel_loading, cache_dir, progress):
+    from ..weights.io import IO_MODES, probe_read_bandwidth
+    from .native_cache import build_native_cache, cache_folder, open_native_cache
+    from .streaming import StreamedLayers, load_resident_from_cache
+
+    folder = cache_folder(ckpt.path, dtype, cache_dir)
+    cache = open_native_cache(folder) or build_native_cache((ckpt, args, index, model), folder, dtype, native, progress)
+    if io_mode == "auto" and not plan.streamed:
+        io_mode = "direct"  # only the one-time reads of resident groups
+    elif io_mode == "auto":
+        speeds = probe_read_bandwidth(cache.data_path, nbytes=min(256 << 20, cache.max_span * 4))
+        io_mode = max(speeds, key=speeds.get)
+        plan.notes.append("read bandwidth probed: " + ", ".join(f"{m} {v / 1e9:.2f} GB/s" for m, v in speeds.items())
+                          + f" -> {io_mode}")
+    elif io_mode not in IO_MODES:
+        raise ValueError(f"io_mode must be 'auto', 'direct' or 'buffered', got {io_mode!r}")
+    resident = {}
+    for group in plan.resident:
+        module = model if group == "head" else model.new_block(int(group[4:]))
+        resident[group] = load_resident_from_cache(cache, group, module, io_mode)
+    layers = StreamedLayers(model, cache, resident, plan.streamed, plan.prefetch_depth, io_mode,
+                            read_threads=2 if parallel_loading else 1)
+    return layers, io_mode

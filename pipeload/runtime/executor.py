@@ -1,9 +1,10 @@
 """The executor owns the loop over layers.
 
 A forward step embeds the new tokens, then for each layer asks a layer source for the block
-(resident: already there; streamed: wait for its bytes), runs it over the whole step (the full
-prompt at prefill: one pass over the weights), and releases it. The same block code therefore
-runs fully resident, streamed, or as one stage of a cluster.
+(resident: already there; streamed: wait for its bytes), runs it over the whole step, and
+releases it; the head comes last the same way. A prompt therefore costs one pass over the
+weights: a long prompt goes through each layer in chunks (bounded activations) before the next
+layer is needed. The same block code runs fully resident, streamed, or as one cluster stage.
 """
 
 from __future__ import annotations
@@ -16,25 +17,40 @@ from torch import nn
 
 from .kv_cache import KVCache
 
+PREFILL_CHUNK = 512  # tokens per chunk when a long prompt goes through a layer
+
 
 class LayerSource(Protocol):
-    """Hands out the block of layer i, ready to run, and takes it back after use."""
+    """Hands out the block of layer i (and the head), ready to run, and takes it back after use."""
 
     def acquire(self, i: int) -> nn.Module: ...
 
     def release(self, i: int) -> None: ...
 
+    def acquire_head(self) -> nn.Module: ...
+
+    def release_head(self) -> None: ...
+
 
 class ResidentLayers:
     """All blocks in memory."""
 
-    def __init__(self, blocks: list[nn.Module]):
-        self.blocks = blocks
+    def __init__(self, model: nn.Module, blocks: list[nn.Module]):
+        self.model, self.blocks = model, blocks
 
     def acquire(self, i: int) -> nn.Module:
         return self.blocks[i]
 
     def release(self, i: int) -> None:
+        pass
+
+    def acquire_head(self) -> nn.Module:
+        return self.model
+
+    def release_head(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -49,35 +65,59 @@ def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> 
 
 
 class Executor:
-    def __init__(self, model: nn.Module, layers: LayerSource, n_layers: int, window: int | None = None):
+    def __init__(self, model: nn.Module, layers: LayerSource, n_layers: int, window: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.model, self.layers, self.n_layers, self.window = model, layers, n_layers, window
-        self.layer_seconds = [0.0] * n_layers  # compute time per layer, accumulated
+        self.prefill_chunk = prefill_chunk
+        self.layer_seconds = [0.0] * (n_layers + 1)  # compute time per layer (+ head), when profiling
         self.profile = False
+
+    def _chunk_inputs(self, positions: torch.Tensor, cache: KVCache | None):
+        """Per chunk of the step: (slice, StepInputs, positions) with masks and rope tables."""
+        T = positions.shape[1]
+        uniform = bool((positions == positions[:1]).all())
+        chunks = []
+        for s in range(0, T, self.prefill_chunk):
+            pos = positions[:, s:s + self.prefill_chunk]
+            kv_len = int(pos.max()) + 1 if cache is not None else pos.shape[1]
+            start = int(pos[0, 0])
+            plain_causal = uniform and (start == 0 or pos.shape[1] == 1) and (
+                self.window is None or kv_len <= self.window)
+            if cache is None and s > 0:
+                raise ValueError(f"a prompt longer than {self.prefill_chunk} tokens needs a KV cache")
+            mask = None if plain_causal else attention_mask(pos, kv_len, self.window)
+            chunks.append((slice(s, s + pos.shape[1]), self.model.step_inputs(pos, mask), pos, uniform))
+        return chunks
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
                 logit_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T) at positions (B, T); with logit_index (B,), only
         those positions' logits (B, V). The cache, if given, gains the new keys and values."""
-        uniform = bool((positions == positions[:1]).all())
-        if cache is not None:
-            kv_len = cache.begin_step(positions, uniform)
-        else:
-            kv_len = positions.shape[1]
-        start = int(positions[0, 0])
-        plain_causal = uniform and (start == 0 or positions.shape[1] == 1) and (
-            self.window is None or kv_len <= self.window)
-        mask = None if plain_causal else attention_mask(positions, kv_len, self.window)
-
+        chunks = self._chunk_inputs(positions, cache)
         h = self.model.embed(tokens, positions)  # (B, T, D)
-        step = self.model.step_inputs(positions, mask)
         for i in range(self.n_layers):
             block = self.layers.acquire(i)
             t0 = time.perf_counter() if self.profile else 0.0
-            h = block(h, step, cache.layer(i) if cache is not None else None)
+            if len(chunks) == 1:
+                if cache is not None:
+                    cache.begin_step(chunks[0][2], chunks[0][3])
+                h = block(h, chunks[0][1], cache.layer(i) if cache is not None else None)
+            else:  # the whole prompt through this layer, chunk after chunk, before the next layer
+                out = torch.empty_like(h)
+                for sl, step, pos, uniform in chunks:
+                    cache.begin_step(pos, uniform)
+                    out[:, sl] = block(h[:, sl], step, cache.layer(i))
+                h = out
             if self.profile:
                 self.layer_seconds[i] += time.perf_counter() - t0
             self.layers.release(i)
         if logit_index is not None:
             h = h[torch.arange(h.shape[0]), logit_index]  # (B, D): only the rows we sample from
-        return self.model.head(h).float()
+        head = self.layers.acquire_head()
+        t0 = time.perf_counter() if self.profile else 0.0
+        logits = head.head(h).float()
+        if self.profile:
+            self.layer_seconds[-1] += time.perf_counter() - t0
+        self.layers.release_head()
+        return logits

@@ -98,13 +98,14 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def attach_weights(module: nn.Module, raw: RawTensors, prefix: str, dtype: torch.dtype, native: bool,
-                   where: str) -> None:
-    """Give `module` its weights from `raw` (GGUF names = prefix + module's own names).
+                   where: str, only: tuple[str, ...] | None = None) -> None:
+    """Give `module` its weights from `raw` (GGUF names = prefix + module's own names); `only`
+    limits which of the module's tensors are expected (by name prefix).
 
     Raises UnsupportedModelError for tensors the module does not use, ModelFileError for missing
     tensors or wrong shapes."""
     expected = {name: tuple(p.shape) for name, p in list(module.named_parameters()) + list(module.named_buffers())
-                if p is not None and p.is_meta}
+                if p is not None and p.is_meta and (only is None or name.startswith(only))}
     given = {name[len(prefix):]: value for name, value in raw.items() if name.startswith(prefix)}
     unknown = sorted(set(given) - set(expected))
     if unknown:

@@ -1,0 +1,201 @@
+"""The plan: what stays resident, what streams, and where every byte of the budget goes.
+
+    peak RSS  =  runtime (measured)  +  embeddings  +  resident layers  +  prefetch ring
+                 +  KV cache  +  activations  +  scratch  +  margin
+
+If everything fits, everything is resident. Otherwise as many layer groups as fit stay resident,
+spread evenly through the model so that the disk keeps reading while resident layers compute,
+and the rest stream through a ring of `prefetch_depth + 1` buffers of the largest streamed span.
+If not even the ring fits, MemoryBudgetError says the smallest budget that would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from gguf import GGMLQuantizationType
+
+from ..errors import MemoryBudgetError
+from ..quant.native import native_nbytes
+from ..weights.index import WeightsIndex
+from .memory import format_bytes
+
+SPAN_ALIGN = 4096
+TENSOR_ALIGN = 64
+MARGIN_FRACTION = 0.04   # allocator fragmentation, thread stacks, Python objects
+MIN_MARGIN = 48 << 20
+PREFILL_CHUNK = 512      # longer prompts go through each layer in chunks of this many tokens
+
+
+@dataclass
+class Plan:
+    budget: int | None
+    runtime_bytes: int                      # the process before any weight is loaded (measured)
+    embed_bytes: int
+    group_bytes: dict[str, int]             # "blk.i" / "head" -> bytes once loaded (span)
+    resident: list[str]
+    streamed: list[str]
+    prefetch_depth: int
+    slot_bytes: int                         # one ring buffer (the largest streamed span)
+    kv_cache_bytes: int
+    activation_bytes: int
+    scratch_bytes: int
+    margin_bytes: int
+    context: int
+    batch: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ring_bytes(self) -> int:
+        return (self.prefetch_depth + 1) * self.slot_bytes if self.streamed else 0
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        return self.embed_bytes + sum(self.group_bytes[g] for g in self.resident)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes read from disk per pass over the weights."""
+        return sum(self.group_bytes[g] for g in self.streamed)
+
+    @property
+    def predicted_peak(self) -> int:
+        return (self.runtime_bytes + self.resident_weight_bytes + self.ring_bytes + self.kv_cache_bytes
+                + self.activation_bytes + self.scratch_bytes + self.margin_bytes)
+
+    def seconds_per_pass(self, disk_bw: float, mem_bw: float, flops: float, peak_flops: float) -> dict[str, float]:
+        """The three floors of one pass over the weights (DESIGN.md): disk, memory, compute."""
+        return {"disk": self.streamed_bytes / disk_bw if self.streamed else 0.0,
+                "memory": self.resident_weight_bytes / mem_bw, "compute": flops / peak_flops}
+
+    def rows(self) -> list[tuple[str, int]]:
+        """(what, bytes) for every item of the predicted peak; they sum to predicted_peak."""
+        return [
+            ("runtime (Python, torch, libraries; measured)", self.runtime_bytes),
+            ("embeddings (resident)", self.embed_bytes),
+            (f"resident layer groups ({len(self.resident)})", sum(self.group_bytes[g] for g in self.resident)),
+            (f"prefetch ring ({self.prefetch_depth + 1} x {format_bytes(self.slot_bytes)})" if self.streamed
+             else "prefetch ring (nothing streams)", self.ring_bytes),
+            (f"KV cache ({self.batch} x {self.context} positions)", self.kv_cache_bytes),
+            (f"activations (prompt chunks of {PREFILL_CHUNK} tokens)", self.activation_bytes),
+            ("scratch (one matrix unpacked for prompts)", self.scratch_bytes),
+            ("margin (allocator, stacks, objects)", self.margin_bytes),
+        ]
+
+    def table(self) -> str:
+        """Every byte of the budget, one line each."""
+        rows = self.rows()
+        width = max(len(r[0]) for r in rows)
+        lines = [f"  {name:<{width}}  {format_bytes(n):>10}" for name, n in rows]
+        lines.append(f"  {'predicted peak':<{width}}  {format_bytes(self.predicted_peak):>10}"
+                     + (f"   (budget {format_bytes(self.budget)})" if self.budget else "   (no budget)"))
+        lines.append(f"  streamed per pass: {len(self.streamed)} groups, {format_bytes(self.streamed_bytes)}")
+        if self.streamed:
+            lines.append(f"  streamed groups: {compact(self.streamed)}")
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def compact(names: list[str]) -> str:
+    """'blk.0-3, blk.7, head' style listing."""
+    out, run = [], []
+    for n in names + [None]:
+        if n is not None and n.startswith("blk.") and run and int(n[4:]) == int(run[-1][4:]) + 1:
+            run.append(n)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else f"{run[0]}-{run[-1][4:]}")
+        run = [n] if n is not None and n.startswith("blk.") else []
+        if n is not None and not n.startswith("blk."):
+            out.append(n)
+    return ", ".join(out)
+
+
+def _aligned(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def group_sizes(index: WeightsIndex, dtype: torch.dtype) -> tuple[int, dict[str, int], int]:
+    """(embedding bytes, {group: span bytes once loaded}, largest matrix in elements)."""
+    native = dtype == torch.bfloat16
+    spans, largest = {}, 0
+    for name, group in index.groups.items():
+        total = 0
+        for ref in group.tensors:
+            if name == "embed":
+                continue
+            qtype = GGMLQuantizationType[ref.info.dtype]
+            is_matrix = len(ref.shape) == 2 and ref.name.endswith(".weight")
+            total = _aligned(total, TENSOR_ALIGN) + native_nbytes(qtype, ref.shape, dtype, is_matrix)
+            if is_matrix:
+                largest = max(largest, math.prod(ref.shape))
+        spans[name] = _aligned(total, SPAN_ALIGN)
+    embed = 0
+    for ref in index.groups["embed"].tensors:
+        quantized = ref.info.dtype not in ("F32", "F16", "BF16")
+        n = math.prod(ref.shape)
+        embed += ref.info.nbytes if (native and quantized) else n * (4 if ref.name.startswith("rope") else
+                                                                     torch.empty(0, dtype=dtype).element_size())
+    spans.pop("embed")
+    return embed, spans, largest
+
+
+def activation_bytes(args, batch: int, context: int, dtype_size: int) -> int:
+    """Peak activations of one layer over a prompt chunk, plus the logits of the last tokens."""
+    t = batch * min(context, PREFILL_CHUNK)
+    hidden = t * args.dim * dtype_size
+    ffn = t * args.ffn_dim * dtype_size
+    per_layer = 6 * hidden + 3 * ffn + 4 * t * args.dim * 4  # residual, norms, q/k/v/out, gate/up/act, fp32 norms
+    attn = batch * args.n_heads * min(context, PREFILL_CHUNK) * context * 4  # scores if materialised
+    return per_layer + attn + 2 * batch * args.vocab_size * 4
+
+
+def spread(n_total: int, n_pick: int) -> list[int]:
+    """n_pick indices out of range(n_total), evenly spaced."""
+    if n_pick <= 0:
+        return []
+    return sorted({min(n_total - 1, int((j + 0.5) * n_total / n_pick)) for j in range(n_pick)})
+
+
+def make_plan(index: WeightsIndex, args, dtype: torch.dtype, budget: int | None, runtime_bytes: int,
+              context: int, batch: int, prefetch_depth: int) -> Plan:
+    """Decide residency under `budget`; raises MemoryBudgetError if the budget cannot hold the minimum."""
+    if prefetch_depth < 1:
+        raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
+    size = torch.empty(0, dtype=dtype).element_size()
+    embed, spans, largest = group_sizes(index, dtype)
+    kv = 2 * args.n_layers * batch * args.n_kv_heads * args.head_dim * context * size
+    act = activation_bytes(args, batch, context, size)
+    scratch = largest * 2 if dtype == torch.bfloat16 else 0
+    weights = embed + sum(spans.values())
+    fixed = runtime_bytes + embed + kv + act + scratch
+    margin = max(MIN_MARGIN, int(MARGIN_FRACTION * (fixed + weights)))
+    order = [f"blk.{i}" for i in range(args.n_layers)] + ["head"]
+
+    def plan(resident: list[str]) -> Plan:
+        streamed = [g for g in order if g not in resident]
+        slot = max((spans[g] for g in streamed), default=0)
+        return Plan(budget, runtime_bytes, embed, spans, [g for g in order if g in resident], streamed,
+                    prefetch_depth, slot, kv, act, scratch, margin, context, batch)
+
+    everything = plan(order)
+    if budget is None or everything.predicted_peak <= budget:
+        return everything
+    minimum = plan([])
+    if minimum.predicted_peak > budget:
+        raise MemoryBudgetError(
+            f"a budget of {format_bytes(budget)} cannot hold the smallest plan for this model "
+            f"({format_bytes(minimum.predicted_peak)}: runtime {format_bytes(runtime_bytes)}, embeddings "
+            f"{format_bytes(embed)}, KV cache {format_bytes(kv)} for {batch} x {context} positions, prefetch ring "
+            f"{format_bytes(minimum.ring_bytes)}, activations {format_bytes(act)}); give at least "
+            f"{format_bytes(minimum.predicted_peak)}, or lower the context (ctx) or the batch size")
+    # keep as many groups resident as fit, spread evenly; the ring must hold the largest streamed span
+    best = minimum
+    for k in range(1, len(order)):
+        candidate = plan([order[i] for i in spread(len(order), k)])
+        if candidate.predicted_peak <= budget:
+            best = candidate
+        else:
+            break
+    return best

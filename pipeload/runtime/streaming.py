@@ -1,0 +1,155 @@
+"""Streamed layers: a ring of reused, page-aligned buffers filled ahead of use by background reads.
+
+Every pass over the weights visits the streamed groups in the same order, so reads are issued in
+that order, `prefetch_depth` groups ahead, wrapping around to the next pass (the first groups of
+the next token are read while the last ones and the head compute). A group's module is a
+skeleton whose tensors are bound as views into its ring buffer: nothing is allocated or
+garbage-collected per layer, and nothing stays in the page cache (O_DIRECT, or buffered reads
+dropped with DONTNEED).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from torch import nn
+
+from ..weights.io import RangeReader, aligned_buffer, read_span
+from .native_cache import NativeCache, bind, make_skeleton
+
+
+class StreamStats:
+    """Bytes read and time spent waiting for I/O or computing, per group."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bytes_read = 0
+        self.read_seconds: dict[str, float] = {}
+        self.wait_seconds: dict[str, float] = {}
+
+    def as_dict(self) -> dict:
+        return {"bytes_read": self.bytes_read, "read_seconds": dict(self.read_seconds),
+                "wait_seconds": dict(self.wait_seconds)}
+
+
+class StreamedLayers:
+    """A LayerSource (see executor.py) over resident modules and streamed groups of a NativeCache."""
+
+    def __init__(self, model: nn.Module, cache: NativeCache, resident: dict[str, nn.Module], streamed: list[str],
+                 prefetch_depth: int, io_mode: str, read_threads: int = 2):
+        self.model, self.cache, self.resident, self.order = model, cache, resident, streamed
+        self.io_mode, self.depth = io_mode, prefetch_depth
+        self.stats = StreamStats()
+        self.skeletons = {g: self._skeleton(g) for g in streamed}
+        self.slots = [aligned_buffer(cache.max_span) for _ in range(prefetch_depth + 1)] if streamed else []
+        self.free: deque[int] = deque(range(len(self.slots)))
+        self.pending: deque[tuple[str, int, Future]] = deque()  # reads in flight, in pass order
+        self.in_use: dict[str, int] = {}
+        self.next = 0  # index in self.order of the next group to read
+        self.reader = RangeReader()
+        self.layer_pool = ThreadPoolExecutor(prefetch_depth, thread_name_prefix="pipeload-prefetch")
+        self.chunk_pool = ThreadPoolExecutor(read_threads, thread_name_prefix="pipeload-read") if read_threads > 1 else None
+
+    def _skeleton(self, group: str) -> nn.Module:
+        if group == "head":
+            return make_skeleton(type(self.model)(self.model.args), self.cache.groups["head"])
+        return make_skeleton(self.model.new_block(int(group[4:])), self.cache.groups[group])
+
+    # -- reading ahead ---------------------------------------------------------------------------
+
+    def _read(self, group: str, slot: int) -> None:
+        layout = self.cache.groups[group]
+        t0 = time.perf_counter()
+        read_span(self.reader, self.cache.data_path, layout.offset, self.slots[slot][:layout.nbytes], self.io_mode,
+                  self.chunk_pool)
+        with self.stats.lock:
+            self.stats.bytes_read += layout.nbytes
+            self.stats.read_seconds[group] = self.stats.read_seconds.get(group, 0.0) + time.perf_counter() - t0
+
+    def _fill(self) -> None:
+        while self.free and self.order and len(self.pending) < self.depth:
+            group = self.order[self.next]
+            self.next = (self.next + 1) % len(self.order)
+            slot = self.free.popleft()
+            self.pending.append((group, slot, self.layer_pool.submit(self._read, group, slot)))
+
+    def _resync(self, group: str) -> None:
+        """Drop reads that are not for `group` (a pass was cut short) and restart from it."""
+        while self.pending:
+            _, slot, fut = self.pending.popleft()
+            fut.result()
+            self.free.append(slot)
+        self.next = self.order.index(group)
+
+    def _take(self, group: str) -> nn.Module:
+        if group in self.resident:
+            return self.resident[group]
+        self._fill()
+        if not self.pending or self.pending[0][0] != group:
+            self._resync(group)
+            self._fill()
+        _, slot, fut = self.pending.popleft()
+        t0 = time.perf_counter()
+        fut.result()  # re-raises a read error here, in the computing thread
+        self.stats.wait_seconds[group] = self.stats.wait_seconds.get(group, 0.0) + time.perf_counter() - t0
+        module = self.skeletons[group]
+        bind(module, self.cache.groups[group], self.slots[slot])
+        self.in_use[group] = slot
+        return module
+
+    def _give_back(self, group: str) -> None:
+        slot = self.in_use.pop(group, None)
+        if slot is not None:
+            self.free.append(slot)
+            self._fill()
+
+    # -- LayerSource -----------------------------------------------------------------------------
+
+    def acquire(self, i: int) -> nn.Module:
+        return self._take(f"blk.{i}")
+
+    def release(self, i: int) -> None:
+        self._give_back(f"blk.{i}")
+
+    def acquire_head(self) -> nn.Module:
+        return self.model if "head" in self.resident else self._take("head")
+
+    def release_head(self) -> None:
+        self._give_back("head")
+
+    def close(self) -> None:
+        for _, slot, fut in self.pending:
+            fut.cancel()
+        self.layer_pool.shutdown(wait=True)
+        if self.chunk_pool:
+            self.chunk_pool.shutdown(wait=True)
+        self.reader.close()
+
+
+def load_resident_from_cache(cache: NativeCache, group: str, module: nn.Module, io_mode: str) -> nn.Module:
+    """A resident copy of a cached group: its span read once into its own buffer, tensors bound to it."""
+    layout = cache.groups[group]
+    buf = aligned_buffer(layout.nbytes)
+    with RangeReader() as reader:
+        read_span(reader, cache.data_path, layout.offset, buf, io_mode)
+    make_skeleton(module, layout)
+    bind(module, layout, buf)
+    return module
+
+
+def keep_torch_quiet() -> None:
+    """Big allocations straight from mmap and back to the OS on free (glibc), so freed activations
+    do not ratchet RSS up across tokens."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 4 << 20)
+    except OSError:
+        pass
+

@@ -1,0 +1,162 @@
+"""Streaming under a memory budget: same tokens as resident, peak RSS under the budget, every byte planned."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pipeload import PipelineModel
+from pipeload.bench.synth import LlamaShape, write_synthetic_gguf
+from pipeload.errors import MemoryBudgetError
+from pipeload.runtime.memory import current_rss, parse_size
+from pipeload.runtime.planner import make_plan
+
+MID = LlamaShape(dim=512, n_layers=12, n_heads=8, n_kv_heads=4, ffn_dim=1536, vocab=2048, context=512)
+PROMPT = [7, 100, 33, 1500, 2, 9, 64, 812, 5, 5, 77]
+
+
+@pytest.fixture(scope="module")
+def mid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    path = write_synthetic_gguf(root / "mid.gguf", MID, "q4_k_m", seed=1)
+    resident = PipelineModel.from_pretrained(path)
+    reference = [r for r in resident.stream(PROMPT, max_tokens=10)][-1].token_ids
+    return path, root / "cache", resident, reference
+
+
+def _weights_and_full_peak(model_path, depth=1, batch=1):
+    from pipeload.runtime.engine import model_args
+    from pipeload.weights.checkpoint import open_checkpoint
+    from pipeload.weights.index import build_index
+
+    ckpt = open_checkpoint(model_path)
+    arch, args = model_args(ckpt)
+    index = build_index(ckpt, args.n_layers, None, args.tie_embeddings)
+    full = make_plan(index, args, torch.bfloat16, None, current_rss(), args.context_length, batch, depth)
+    return sum(full.group_bytes.values()), full.predicted_peak
+
+
+@pytest.mark.parametrize("streamed_fraction,io_mode", [(0.5, "direct"), (0.8, "buffered"), (0.8, "direct")])
+def test_streamed_equals_resident(mid, streamed_fraction, io_mode):
+    path, cache, resident, reference = mid
+    weights, full = _weights_and_full_peak(path)
+    m = PipelineModel.from_pretrained(path, memory_limit=full - int(streamed_fraction * weights), prefetch_depth=1,
+                                      io_mode=io_mode, cache_dir=cache)
+    try:
+        assert m.plan.streamed, "the budget should force streaming"
+        assert m.plan.resident if streamed_fraction < 0.7 else True
+        out = [r for r in m.stream(PROMPT, max_tokens=10)][-1].token_ids
+        assert out == reference
+        assert torch.equal(m.logits(PROMPT), resident.logits(PROMPT))  # the same bits
+        per_pass = m.plan.streamed_bytes
+        assert m.stats["bytes_read"] >= 10 * per_pass * 0.9  # every token re-read the streamed groups
+    finally:
+        m.close()
+
+
+def test_streamed_batch_equals_resident(mid):
+    path, cache, resident, _ = mid
+    prompts = [PROMPT, PROMPT[:4], [3, 1, 4, 1, 5, 9, 2, 6]]
+    weights, full = _weights_and_full_peak(path, batch=3)
+    m = PipelineModel.from_pretrained(path, memory_limit=full - int(0.7 * weights), prefetch_depth=1,
+                                      batch_size=3, cache_dir=cache)
+    try:
+        streamed = {r.sequence: r.token_ids for r in m.stream(prompts, max_tokens=6)}
+        alone = {r.sequence: r.token_ids for r in resident.stream(prompts, max_tokens=6)}
+        assert streamed == alone
+        with pytest.raises(ValueError, match="batch of 3"):
+            list(m.stream(prompts + [PROMPT], max_tokens=2))
+    finally:
+        m.close()
+
+
+def test_budget_too_small_names_the_smallest_that_works(mid):
+    path, cache, _, reference = mid
+    with pytest.raises(MemoryBudgetError, match="give at least") as err:
+        PipelineModel.from_pretrained(path, memory_limit="100MB", cache_dir=cache)
+    smallest = re.search(r"give at least ([0-9.]+ [KMG]B)", str(err.value)).group(1)
+    m = PipelineModel.from_pretrained(path, memory_limit=parse_size(smallest.replace(" ", "")) + (8 << 20),
+                                      cache_dir=cache)
+    try:
+        assert len(m.plan.streamed) >= len(m.plan.group_bytes) - 5  # near the minimum, (almost) all streams
+        assert [r for r in m.stream(PROMPT, max_tokens=10)][-1].token_ids == reference
+    finally:
+        m.close()
+
+
+def test_plan_explains_every_byte(mid):
+    path, cache, _, _ = mid
+    weights, full = _weights_and_full_peak(path)
+    m = PipelineModel.from_pretrained(path, memory_limit=full - weights // 2, cache_dir=cache)
+    try:
+        plan = m.plan
+        assert sum(n for _, n in plan.rows()) == plan.predicted_peak
+        for what, n in plan.rows():
+            assert n >= 0 and what in plan.table()
+        assert sorted(plan.resident + plan.streamed) == sorted(plan.group_bytes)  # each group exactly once
+        assert plan.predicted_peak <= parse_size(m.options["memory_limit"])
+    finally:
+        m.close()
+
+
+def test_long_prompt_goes_through_each_layer_in_chunks(tiny):
+    """A prompt longer than the prefill chunk still makes one pass: chunked per layer, same logits."""
+    from pipeload.runtime.engine import load_engine
+
+    eng = load_engine(tiny("llama3")[2])
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(40)[None]
+    whole = eng.executor.forward(ids, pos, eng.new_cache(1, 40))
+    eng.executor.prefill_chunk = 7
+    calls = []
+    real = eng.executor.layers.acquire
+    eng.executor.layers.acquire = lambda i: calls.append(i) or real(i)
+    chunked = eng.executor.forward(ids, pos, eng.new_cache(1, 40))
+    assert calls == list(range(eng.args.n_layers))  # each layer fetched once for the whole prompt
+    assert (chunked - whole).abs().max().item() < 1e-4
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    import pipeload
+    from pipeload import PipelineModel
+    from pipeload.runtime.memory import peak_rss
+    path, limit, cache = sys.argv[1], sys.argv[2], sys.argv[3]
+    m = PipelineModel.from_pretrained(path, memory_limit=None if limit == "none" else int(limit), ctx=256,
+                                      cache_dir=cache)
+    out = [r for r in m.stream(list(range(3, 40)), max_tokens=6)][-1].token_ids
+    plan = m.plan
+    print(json.dumps({"tokens": out, "peak": peak_rss(),
+                      "streamed": len(plan.streamed) if plan else 0,
+                      "predicted": plan.predicted_peak if plan else 0}))
+""")
+
+
+def _child(*args):
+    done = subprocess.run([sys.executable, "-c", _CHILD, *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_model_three_times_the_budget_runs_under_it(tmp_path):
+    """Peak RSS (VmHWM) of a generation with memory_limit=X stays at most X, for a model more than
+    three times X, and the tokens equal the fully resident run's."""
+    budget = 520 * 10**6
+    path = write_synthetic_gguf(tmp_path / "big.gguf", LlamaShape(2048, 62, 32, 4, 5632, 4096, 512), "q4_k_m")
+    assert path.stat().st_size > 3 * budget
+    cache = tmp_path / "cache"
+    _child(path, budget, cache)  # the first use builds the kernel-native cache
+    streamed = _child(path, budget, cache)
+    resident = _child(path, 100 * 10**9, cache)  # a budget that holds everything: all layers resident
+    assert streamed["streamed"] > 40
+    assert streamed["peak"] <= budget, f"peak RSS {streamed['peak']} > budget {budget}"
+    assert streamed["predicted"] <= budget
+    assert streamed["tokens"] == resident["tokens"]
+    assert resident["streamed"] == 0
+    assert resident["peak"] > 3 * budget  # the resident run really needed the memory
