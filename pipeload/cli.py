@@ -120,6 +120,40 @@ def _add_serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def cmd_plan(a: argparse.Namespace) -> int:
+    import torch
+
+    from .inspect import parameter_count
+    from .runtime.engine import model_args, resolve_dtype
+    from .runtime.memory import current_rss, format_bytes, parse_size
+    from .runtime.planner import make_plan
+    from .runtime.probe import probe
+    from .weights.checkpoint import open_checkpoint
+    from .weights.index import build_index
+
+    ckpt = open_checkpoint(a.model)
+    arch, args = model_args(ckpt)
+    dtype, _ = resolve_dtype(ckpt, None if a.dtype == "auto" else getattr(torch, a.dtype))
+    index = build_index(ckpt, args.n_layers, getattr(arch, "HF_NAME_RULES", None), args.tie_embeddings)
+    context = min(a.ctx or args.context_length, args.context_length)
+    plan = make_plan(index, args, dtype, parse_size(a.memory_limit), current_rss(), context, a.batch, a.prefetch_depth)
+    machine = probe(ckpt.path if ckpt.path.is_file() else None)
+    disk = max(machine["disk_direct"], machine["disk_buffered"])
+    flops = 2 * parameter_count(index) * a.batch
+    floors = plan.seconds_per_pass(disk, machine["memory_bandwidth"], flops, machine["matmul_flops_bf16"])
+    per_pass = max(floors.values())
+    print(f"plan for {ckpt.path.name} ({args.n_layers} layers, {dtype}) under "
+          f"{format_bytes(plan.budget) if plan.budget else 'no budget'}:")
+    print(plan.table())
+    print(f"\nmeasured: disk {machine['disk_direct'] / 1e9:.2f} GB/s O_DIRECT, {machine['disk_buffered'] / 1e9:.2f} GB/s "
+          f"buffered; memory {machine['memory_bandwidth'] / 1e9:.1f} GB/s; bf16 matmul "
+          f"{machine['matmul_flops_bf16'] / 1e9:.0f} GFLOP/s ({machine['threads']} threads)")
+    print("floors per pass over the weights: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in floors.items()))
+    bound = max(floors, key=floors.get)
+    print(f"bound: at most {a.batch / per_pass:.2f} tokens/s at batch {a.batch} ({bound}-bound)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeload", description="Run transformer models larger than memory.")
     parser.add_argument("--version", action="version", version=_version())
@@ -136,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="architecture, parameters, per-layer bytes and quant types")
     p.add_argument("model", help="GGUF file or HF folder")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plan", help="what stays resident, what streams, every byte, and the speed bound")
+    p.add_argument("model", help="GGUF file or HF folder")
+    p.add_argument("--memory-limit", default=None, help="e.g. 2GB, 1536MiB (default: no limit)")
+    p.add_argument("--ctx", type=int, default=None, help="context positions to reserve (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--prefetch-depth", type=int, default=2, help="streamed groups read ahead (default 2)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("convert", help="write a GGUF file (layer by layer, bounded memory)")
     p.add_argument("src", help="HF folder or GGUF file")
