@@ -65,16 +65,17 @@ class PipelineModel:
         if threads is not None:
             torch.set_num_threads(threads)
         bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=0, desc="building kernel-native cache", unit="layer")
 
         def on_progress(done: int, total: int) -> None:
-            if bar is not None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
+            nonlocal bar
+            if not progress:
+                return
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, desc="building kernel-native cache (once)", unit="layer")
+            bar.n = done
+            bar.refresh()
 
         engine = load_engine(builtin_model_path() if path is None else path, DTYPES[dtype],
                              memory_limit=parse_size(memory_limit), context=ctx, batch=batch_size,

@@ -20,6 +20,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
+def _add_budget_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-limit", default=None, help="peak memory budget, e.g. 2GB (default: none, all resident)")
+    p.add_argument("--prefetch-depth", type=int, default=2, help="streamed layer groups read ahead (default 2)")
+    p.add_argument("--ctx", type=int, default=None, help="context positions to reserve (default: the model's)")
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--temperature", "--temp", type=float, default=0.7, help="0 = greedy (default 0.7)")
@@ -35,7 +41,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .api import PipelineModel
     from .runtime.memory import format_bytes
 
-    model = PipelineModel.from_pretrained(a.model, dtype=a.dtype, threads=a.threads)
+    model = PipelineModel.from_pretrained(a.model, dtype=a.dtype, threads=a.threads, memory_limit=a.memory_limit,
+                                          prefetch_depth=a.prefetch_depth, ctx=a.ctx, progress=True)
     sampling = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
     if a.chat:
@@ -53,6 +60,12 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(f"\n[{model.engine.checkpoint.path.name}] prompt: {st['prompt_tokens']} tokens, {st['prompt_tps']:.1f} tok/s"
           f" | generation: {st['generation_tokens']} tokens, {st['generation_tps']:.1f} tok/s"
           f" | peak memory: {format_bytes(st['peak_rss'])} | finish: {reason}", file=sys.stderr)
+    if model.plan is not None:
+        plan = model.plan
+        print(f"[memory plan] budget {format_bytes(plan.budget)}, predicted peak {format_bytes(plan.predicted_peak)}; "
+              f"{len(plan.resident)} groups resident, {len(plan.streamed)} streamed "
+              f"({format_bytes(plan.streamed_bytes)} per pass, {format_bytes(st.get('bytes_read', 0))} read)",
+              file=sys.stderr)
     return 0
 
 
@@ -165,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     _add_sampling_options(p)
     _add_model_options(p)
+    _add_budget_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="architecture, parameters, per-layer bytes and quant types")
