@@ -167,6 +167,32 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(f"pipeload.bench.{a.section}").run(a)
+
+
+def _add_bench_parser(sub) -> None:
+    import importlib
+
+    from .bench import SECTIONS
+
+    p = sub.add_parser("bench", help="benchmarks beside their physical bounds and the peers (see README)")
+    sections = p.add_subparsers(dest="section", required=True)
+    for name, help_text in SECTIONS.items():
+        try:
+            module = importlib.import_module(f"pipeload.bench.{name}")
+        except ModuleNotFoundError:
+            continue
+        if not hasattr(module, "add_arguments"):
+            continue
+        sp = sections.add_parser(name, help=help_text)
+        sp.add_argument("--out", default="bench-results", help="folder for JSON, markdown and plots")
+        module.add_arguments(sp)
+        sp.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeload", description="Run transformer models larger than memory.")
     parser.add_argument("--version", action="version", version=_version())
@@ -202,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     _add_serve_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 

@@ -148,7 +148,8 @@ def _streamed_layers(ckpt, args, index, model, plan, dtype, native, io_mode, par
     if io_mode == "auto" and not plan.streamed:
         io_mode = "direct"  # only the one-time reads of resident groups
     elif io_mode == "auto":
-        speeds = probe_read_bandwidth(cache.data_path, nbytes=min(256 << 20, cache.max_span * 4))
+        # the probe's buffer is at most the ring, which the plan has counted and which is not allocated yet
+        speeds = probe_read_bandwidth(cache.data_path, nbytes=min(256 << 20, plan.ring_bytes))
         io_mode = max(speeds, key=speeds.get)
         plan.notes.append("read bandwidth probed: " + ", ".join(f"{m} {v / 1e9:.2f} GB/s" for m, v in speeds.items())
                           + f" -> {io_mode}")

@@ -138,6 +138,9 @@ def build_native_cache(engine_parts, folder: Path, dtype: torch.dtype, native: b
             if progress:
                 progress(done + 1, len(names))
         out.truncate(offset)
+        out.flush()
+        os.fsync(out.fileno())  # then drop it from the page cache: the cache file is read cold, for real
+        os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     layout = {"format_version": FORMAT_VERSION, "source": str(ckpt.path), "dtype": str(dtype), "groups": [
         {"name": g.name, "offset": g.offset, "nbytes": g.nbytes, "modules": g.modules,
          "tensors": [[s.name, str(s.dtype), list(s.shape), s.offset, s.nbytes, s.is_buffer] for s in g.tensors]}

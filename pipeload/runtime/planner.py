@@ -182,20 +182,18 @@ def make_plan(index: WeightsIndex, args, dtype: torch.dtype, budget: int | None,
     everything = plan(order)
     if budget is None or everything.predicted_peak <= budget:
         return everything
-    minimum = plan([])
-    if minimum.predicted_peak > budget:
+    # candidates: k blocks resident, spread evenly, with the head resident or streamed (a head larger
+    # than a block also sets the size of every ring buffer, so keeping it can pay twice)
+    blocks = order[:-1]
+    candidates = [plan([blocks[i] for i in spread(len(blocks), k)] + head)
+                  for k in range(len(blocks) + 1) for head in ([], ["head"])]
+    fitting = [c for c in candidates if c.predicted_peak <= budget]
+    if not fitting:
+        minimum = min(candidates, key=lambda c: c.predicted_peak)
         raise MemoryBudgetError(
             f"a budget of {format_bytes(budget)} cannot hold the smallest plan for this model "
             f"({format_bytes(minimum.predicted_peak)}: runtime {format_bytes(runtime_bytes)}, embeddings "
             f"{format_bytes(embed)}, KV cache {format_bytes(kv)} for {batch} x {context} positions, prefetch ring "
             f"{format_bytes(minimum.ring_bytes)}, activations {format_bytes(act)}); give at least "
             f"{format_bytes(minimum.predicted_peak)}, or lower the context (ctx) or the batch size")
-    # keep as many groups resident as fit, spread evenly; the ring must hold the largest streamed span
-    best = minimum
-    for k in range(1, len(order)):
-        candidate = plan([order[i] for i in spread(len(order), k)])
-        if candidate.predicted_peak <= budget:
-            best = candidate
-        else:
-            break
-    return best
+    return min(fitting, key=lambda c: (c.streamed_bytes, c.predicted_peak))

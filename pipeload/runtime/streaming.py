@@ -120,6 +120,29 @@ class StreamedLayers:
     def release_head(self) -> None:
         self._give_back("head")
 
+    def measure_cold_read(self) -> float:
+        """Bytes/s of reading every streamed span once from a cold page cache, with the same mode,
+        ring and reads in flight as streaming, but no compute: the disk's floor for one pass."""
+        from ..weights.io import drop_from_page_cache
+
+        self._resync(self.order[0]) if self.pending else None
+        drop_from_page_cache(self.cache.data_path)
+        t0 = time.perf_counter()
+        futures: deque[tuple[int, Future]] = deque()
+        total = 0
+        for k, group in enumerate(self.order):
+            if len(futures) == len(self.slots):
+                slot, fut = futures.popleft()
+                fut.result()
+            slot = k % len(self.slots)
+            futures.append((slot, self.layer_pool.submit(self._read, group, slot)))
+            total += self.cache.groups[group].nbytes
+        for _, fut in futures:
+            fut.result()
+        seconds = time.perf_counter() - t0
+        self.next = 0
+        return total / seconds if seconds > 0 else float("inf")
+
     def close(self) -> None:
         for _, slot, fut in self.pending:
             fut.cancel()
