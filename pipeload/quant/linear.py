@@ -19,6 +19,7 @@ from torch import nn
 
 INT4_TILE_N = 64  # rows per tile of the CPU int4pack layout
 PREFILL_ROWS = 16  # at or above this many token rows, unpack to bf16 and use F.linear
+UNPACK_ROWS = 2048  # weight rows unpacked at a time for prompts: bounds the scratch memory
 
 
 def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -53,7 +54,33 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat((lo, hi), dim=2).transpose(1, 2).reshape(n, k)
 
 
-class Int4Linear(nn.Module):
+class _PackedLinear(nn.Module):
+    """Shared forward of the packed formats: packed kernel for few rows, chunked unpack + GEMM for many."""
+
+    in_features: int
+    out_features: int
+
+    def dequantized(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (M, K)
+        if x2.shape[0] >= PREFILL_ROWS:
+            n = self.out_features
+            y = torch.cat([F.linear(x2, self.dequantized(r, min(n, r + UNPACK_ROWS)))
+                           for r in range(0, n, UNPACK_ROWS)], dim=-1)  # (M, N)
+        else:
+            y = self.packed_mm(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int4Linear(_PackedLinear):
     """4-bit group-quantized linear layer; N must be a multiple of 64, K of the group size."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False):
@@ -70,27 +97,20 @@ class Int4Linear(nn.Module):
     def can_hold(out_features: int, in_features: int, group_size: int) -> bool:
         return out_features % INT4_TILE_N == 0 and in_features % group_size == 0
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight as bf16 (N, K)."""
-        q = unpack_int4(self.qweight, self.out_features, self.in_features)
+    def dequantized(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Rows r0..r1 of the weight as bf16 (r1 - r0, K); r0, r1 multiples of 64 (whole tiles)."""
+        r1 = self.out_features if r1 is None else r1
+        q = unpack_int4(self.qweight[r0:r1], r1 - r0, self.in_features)
         G = self.group_size
-        sz = self.scales_zeros.transpose(0, 1)  # (N, K/G, 2)
-        w = (q.view(self.out_features, -1, G).to(torch.bfloat16) - 8) * sz[..., :1] + sz[..., 1:]
-        return w.view(self.out_features, self.in_features)
+        sz = self.scales_zeros[:, r0:r1].transpose(0, 1)  # (rows, K/G, 2)
+        w = (q.view(r1 - r0, -1, G).to(torch.bfloat16) - 8) * sz[..., :1] + sz[..., 1:]
+        return w.view(r1 - r0, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (M, K)
-        if x2.shape[0] >= PREFILL_ROWS:
-            y = F.linear(x2, self.dequantized())
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+    def packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_zeros)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_PackedLinear):
     """8-bit linear layer with one scale per output row."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -100,16 +120,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", _meta(out_features, dtype=torch.bfloat16))
         self.register_buffer("bias", _meta(out_features, dtype=torch.bfloat16) if bias else None)
 
-    def dequantized(self) -> torch.Tensor:
-        return self.qweight.to(torch.bfloat16) * self.scales[:, None]
+    def dequantized(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Rows r0..r1 of the weight as bf16 (r1 - r0, K)."""
+        r1 = self.out_features if r1 is None else r1
+        return self.qweight[r0:r1].to(torch.bfloat16) * self.scales[r0:r1, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (M, K)
-        if x2.shape[0] >= PREFILL_ROWS:
-            y = F.linear(x2, self.dequantized())
-        else:
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+    def packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x2, self.qweight, self.scales)

@@ -74,24 +74,33 @@ def to_int8_linear(w: torch.Tensor) -> Int8Linear:
     return m
 
 
+CONVERT_ROWS = 1024  # rows dequantized at a time when requantizing: bounds the memory of conversion
+
+
 def native_linear(raw: torch.Tensor, qtype: T, shape: tuple[int, int]) -> nn.Module:
     """The kernel-native linear module (without bias) for a GGML weight of torch shape (N, K)."""
     n, k = shape
     if qtype in INT4_TYPES and Int4Linear.can_hold(n, k, GROUP):
         return to_int4_linear(raw, qtype, n, k)
-    w = dequantize(raw, qtype, shape)
     if qtype in FLOAT_TYPES:
         m = Linear(k, n)
-        m.weight = nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
+        m.weight = nn.Parameter(dequantize(raw, qtype, shape, out_dtype=torch.bfloat16), requires_grad=False)
         return m
-    return to_int8_linear(w)
+    m = Int8Linear(k, n)
+    m.qweight, m.scales = torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=torch.bfloat16)
+    row_bytes = raw.numel() // n
+    for r in range(0, n, CONVERT_ROWS):  # GGML rows are independent: convert a slice at a time
+        r1 = min(n, r + CONVERT_ROWS)
+        w = dequantize(raw.view(-1)[r * row_bytes:r1 * row_bytes], qtype, (r1 - r, k))
+        m.qweight[r:r1], m.scales[r:r1] = int8_rows(w)
+    return m
 
 
 def requantization_error(raw: torch.Tensor, qtype: T, shape: tuple[int, int]) -> float:
     """RMS of (kernel-native weight - exact GGML weight) relative to the RMS of the weight."""
     exact = dequantize(raw, qtype, shape)
     m = native_linear(raw, qtype, shape)
-    got = m.dequantized().float() if hasattr(m, "dequantized") else m.weight.float()
+    got = m.dequantized().float() if hasattr(m, "dequantized") else m.weight.float()  # whole weight
     return float((got - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt())
 
 

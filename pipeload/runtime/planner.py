@@ -80,7 +80,7 @@ class Plan:
              else "prefetch ring (nothing streams)", self.ring_bytes),
             (f"KV cache ({self.batch} x {self.context} positions)", self.kv_cache_bytes),
             (f"activations (prompt chunks of {PREFILL_CHUNK} tokens)", self.activation_bytes),
-            ("scratch (one matrix unpacked for prompts)", self.scratch_bytes),
+            ("scratch (weight rows unpacked for prompts)", self.scratch_bytes),
             ("margin (allocator, stacks, objects)", self.margin_bytes),
         ]
 
@@ -116,10 +116,10 @@ def _aligned(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
-def group_sizes(index: WeightsIndex, dtype: torch.dtype) -> tuple[int, dict[str, int], int]:
-    """(embedding bytes, {group: span bytes once loaded}, largest matrix in elements)."""
+def group_sizes(index: WeightsIndex, dtype: torch.dtype) -> tuple[int, dict[str, int], tuple[int, int]]:
+    """(embedding bytes, {group: span bytes once loaded}, shape (N, K) of the largest matrix)."""
     native = dtype == torch.bfloat16
-    spans, largest = {}, 0
+    spans, largest = {}, (0, 0)
     for name, group in index.groups.items():
         total = 0
         for ref in group.tensors:
@@ -129,7 +129,7 @@ def group_sizes(index: WeightsIndex, dtype: torch.dtype) -> tuple[int, dict[str,
             is_matrix = len(ref.shape) == 2 and ref.name.endswith(".weight")
             total = _aligned(total, TENSOR_ALIGN) + native_nbytes(qtype, ref.shape, dtype, is_matrix)
             if is_matrix:
-                largest = max(largest, math.prod(ref.shape))
+                largest = max(largest, tuple(ref.shape), key=math.prod)
         spans[name] = _aligned(total, SPAN_ALIGN)
     embed = 0
     for ref in index.groups["embed"].tensors:
@@ -167,7 +167,9 @@ def make_plan(index: WeightsIndex, args, dtype: torch.dtype, budget: int | None,
     embed, spans, largest = group_sizes(index, dtype)
     kv = 2 * args.n_layers * batch * args.n_kv_heads * args.head_dim * context * size
     act = activation_bytes(args, batch, context, size)
-    scratch = largest * 2 if dtype == torch.bfloat16 else 0
+    from ..quant.linear import UNPACK_ROWS
+
+    scratch = min(largest[0], UNPACK_ROWS) * largest[1] * 2 if dtype == torch.bfloat16 else 0
     weights = embed + sum(spans.values())
     fixed = runtime_bytes + embed + kv + act + scratch
     margin = max(MIN_MARGIN, int(MARGIN_FRACTION * (fixed + weights)))
