@@ -220,3 +220,19 @@ def test_fuzz_header_parser(tmp_path_factory, data):
         read_gguf(p)
     except (ModelFileError, UnsupportedModelError) as e:
         assert str(e)
+
+
+def test_folder_without_tokenizer_gives_logits_but_says_no_tokenizer(tiny):
+    from pipeload.errors import NoTokenizerError
+
+    _, folder, _ = tiny("llama2")
+    assert not (folder / "tokenizer.json").exists()
+    m = PipelineModel.from_pretrained(folder)
+    assert m.logits([1, 2, 3]).shape == (3, 128)
+    assert [r for r in m.stream([1, 2, 3], max_tokens=2)][-1].token_ids  # token ids still generate
+    with pytest.raises(NoTokenizerError, match="no tokenizer"):
+        m.generate("hello", max_tokens=2)
+    with pytest.raises(NoTokenizerError, match="no tokenizer"):
+        m.tokenizer.encode("hello")
+    rc = cli_main(["run", str(folder), "-p", "hi", "-n", "2"])
+    assert rc == 2
