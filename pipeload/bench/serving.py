@@ -9,6 +9,8 @@ tokens/s should grow almost linearly with the clients (the goal: 8 clients >= 5x
 `load_test` runs 32 clients for 10 minutes with a mix of chat and completions, streaming and not,
 and checks that no request failed or was lost: every request the clients sent got a complete
 answer, the server counted the same number of answered requests, and no slot is left in use.
+(The load test sends text and chat messages, so its model needs a tokenizer and a chat template;
+the throughput benchmark sends token ids and runs on any model.)
 
     python -m pipeload.bench.serving                                   # built-in model
     python -m pipeload.bench.serving --model big.gguf --memory-limit 2GB
@@ -161,12 +163,11 @@ async def one_request(client, model: str, body: dict, result: LevelResult) -> bo
                     raise RuntimeError(f"error event: {event['error']}")
                 if event.get("usage"):
                     usage = event["usage"]
-                for c in event["choices"]:
-                    if c.get("text") or (c.get("delta") or {}).get("content"):
-                        now = time.perf_counter()
-                        first = first or now
-                        last = now
-                        tokens += 1
+                if event["choices"]:  # one chunk per sampled token
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    tokens += 1
         if not done or usage is None:
             raise RuntimeError("the stream ended without [DONE] and usage")
         result.completion_tokens += usage["completion_tokens"]
@@ -207,19 +208,23 @@ async def run_level(url: str, model: str, clients: int, bodies, requests_per_cli
 
 def bench_serving(model: str | None = None, clients: tuple[int, ...] = (1, 4, 8, 16), max_tokens: int = 64,
                   requests_per_client: int = 3, memory_limit: str | None = None, fast_batching: bool = False,
-                  threads: int | None = None, log: Path | None = None) -> list[LevelResult]:
-    """Throughput and latency for each number of concurrent clients (see the module docstring)."""
+                  threads: int | None = None, ctx: int | None = 512, log: Path | None = None) -> list[LevelResult]:
+    """Throughput and latency for each number of concurrent clients (see the module docstring).
+
+    `ctx` caps each sequence's context (it sizes the KV cache and activations a memory plan reserves)."""
     from ..api import builtin_model_path
 
     path = str(model or builtin_model_path())
     args = ["--max-batch", str(max(clients)), "--max-queue", str(4 * max(clients))]
+    args += ["--ctx-size", str(ctx)] if ctx else []
     args += ["--memory-limit", memory_limit] if memory_limit else []
     args += ["--fast-batching"] if fast_batching else []
     args += ["--threads", str(threads)] if threads else []
 
-    def bodies(i: int, n: int) -> dict:
-        return {"prompt": PROMPTS[(i + n) % len(PROMPTS)], "max_tokens": max_tokens, "stream": True,
-                "ignore_eos": True, "temperature": 0.8, "seed": 1000 * i + n}
+    def bodies(i: int, n: int) -> dict:  # token ids, so that models without a tokenizer work too
+        prompt = [10 + (7 * (i + n) + j) % 90 for j in range(16 + (i + n) % 8)]
+        return {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+                "temperature": 0.8, "seed": 1000 * i + n}
 
     results = []
     with running_server([f"m={path}"], *args, log=log) as url:
@@ -271,7 +276,7 @@ class LoadTestResult:
 
 
 def load_test(model: str | None = None, clients: int = 32, duration: float = 600.0, memory_limit: str | None = None,
-              max_batch: int = 16, log: Path | None = None) -> LoadTestResult:
+              max_batch: int = 16, ctx: int | None = 512, log: Path | None = None) -> LoadTestResult:
     """`clients` clients for `duration` seconds with a random mix of requests; see the module docstring."""
     import httpx
 
@@ -279,6 +284,7 @@ def load_test(model: str | None = None, clients: int = 32, duration: float = 600
 
     path = str(model or builtin_model_path())
     args = ["--max-batch", str(max_batch), "--max-queue", str(4 * clients)]
+    args += ["--ctx-size", str(ctx)] if ctx else []
     args += ["--memory-limit", memory_limit] if memory_limit else []
 
     def bodies(i: int, n: int) -> dict:
@@ -302,8 +308,8 @@ def load_test(model: str | None = None, clients: int = 32, duration: float = 600
     return LoadTestResult(clients, duration, level, int(answered), in_flight)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeload.bench.serving", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `pipeload bench serving`."""
     p.add_argument("--model", default=None, help="GGUF file or HF folder (default: the built-in model)")
     p.add_argument("--memory-limit", default=None, help="stream the model under this budget, e.g. 2GB")
     p.add_argument("--clients", default=None, help="comma-separated client counts (default 1,4,8,16; load test 32)")
@@ -311,14 +317,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--fast-batching", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ctx-size", type=int, default=512, help="context per sequence (default 512)")
     p.add_argument("--load-test", action="store_true", help="run the load test instead")
     p.add_argument("--duration", type=float, default=600.0, help="load test seconds (default 600)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--log", default=None, help="server log file")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Run the serving benchmark (or the load test) as `pipeload bench serving` was asked to."""
     log = Path(a.log) if a.log else None
     if a.load_test:
-        result = load_test(a.model, int(a.clients or 32), a.duration, a.memory_limit, log=log)
+        result = load_test(a.model, int(a.clients or 32), a.duration, a.memory_limit, ctx=a.ctx_size, log=log)
         print(result.summary())
         if a.json:
             Path(a.json).write_text(json.dumps({**result.level.as_dict(), "lost": result.lost,
@@ -326,13 +336,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if result.ok else 1
     clients = tuple(int(c) for c in (a.clients or "1,4,8,16").split(","))
     results = bench_serving(a.model, clients, a.max_tokens, a.requests_per_client, a.memory_limit,
-                            a.fast_batching, a.threads, log=log)
+                            a.fast_batching, a.threads, a.ctx_size, log=log)
     title = f"{Path(a.model).name if a.model else 'built-in model'}" + (
         f", memory limit {a.memory_limit}" if a.memory_limit else "") + (", fast batching" if a.fast_batching else "")
     print(format_table(results, f"serving: {title}, {a.max_tokens} tokens per request, loopback"))
+    for r in results:
+        for e in r.errors[:3]:
+            print(f"{r.clients} clients: {e}", file=sys.stderr)
     if a.json:
         Path(a.json).write_text(json.dumps([r.as_dict() for r in results], indent=1))
     return 0 if all(r.failed == 0 for r in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeload.bench.serving", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

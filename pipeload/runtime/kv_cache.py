@@ -51,6 +51,23 @@ class KVCache:
         self.k = self.k[:, index]
         self.v = self.v[:, index]
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache of sequences start..stop-1 that shares this cache's storage (writes land here).
+
+        The continuous-batching scheduler runs each step on the rows of its active slots."""
+        if not 0 <= start < stop <= self.k.shape[1]:
+            raise ValueError(f"rows {start}..{stop - 1} are outside the cache's {self.k.shape[1]} sequences")
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view._write, view._kv_len = None, 0
+        return view
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of sequence src into sequence dst (to keep slots packed)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
 
 class LayerView:
     """One layer of a KVCache for the current step (satisfies models.common.LayerKV)."""

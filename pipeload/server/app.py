@@ -1,0 +1,120 @@
+"""The FastAPI application: routes, OpenAI-style errors, health, metrics and the chat page.
+
+    GET  /                      the web chat page (static/index.html)
+    GET  /v1/models             OpenAI model list (+ each model's state)
+    GET  /v1/models/{name}
+    POST /v1/completions        OpenAI completions (stream: true -> server-sent events)
+    POST /v1/chat/completions   OpenAI chat completions
+    GET  /health                server and per-model state (loaded/unloaded/loading/dead/error)
+    GET  /metrics               Prometheus text format
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .completions import handle_completion
+from .errors import APIError
+from .metrics import Metrics
+from .registry import Registry
+
+log = logging.getLogger("pipeload.server")
+STATIC = Path(__file__).parent / "static"
+
+
+def _model_card(name: str, handle, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "pipeload",
+            "state": handle.state, "context_length": handle.info.get("context_length")}
+
+
+def create_app(registry: Registry, preload: bool = False) -> FastAPI:
+    """The ASGI app serving `registry`'s models; its shutdown stops the workers."""
+    metrics = Metrics(registry)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if preload:
+            for name in registry.handles:
+                try:
+                    await registry.acquire(name)
+                except APIError as e:  # keep serving the others; /health shows the error
+                    log.error("%s", e.message)
+        try:
+            yield
+        finally:
+            await registry.close()
+
+    app = FastAPI(title="pipeload", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.registry, app.state.metrics = registry, metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(400, f"invalid request: {e.errors()[0].get('msg')}").body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status_code=500)
+
+    async def completion(request: Request, kind: str, endpoint: str):
+        try:
+            response = await handle_completion(request, kind, registry, metrics)
+        except APIError as e:
+            metrics.requests.labels(getattr(request.state, "model", "unknown"), endpoint, str(e.status)).inc()
+            raise
+        metrics.requests.labels(request.state.model, endpoint, "200").inc()
+        return response
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await completion(request, "completion", "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await completion(request, "chat", "chat_completions")
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [_model_card(n, h, created) for n, h in registry.handles.items()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        return _model_card(name, registry.get(name), created)
+
+    @app.get("/health")
+    async def health():
+        models = {n: h.describe() for n, h in registry.handles.items()}
+        ok = not registry.closing and all(m["state"] not in ("dead", "error") for m in models.values())
+        return JSONResponse({"status": "ok" if ok else "degraded" if not registry.closing else "shutting_down",
+                             "models": models}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app
+
