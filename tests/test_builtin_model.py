@@ -64,3 +64,14 @@ def test_pipeload_run_streams_text_and_figures():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("class Stack:") and len(done.stdout) > len("class Stack:") + 10
     assert "tok/s" in done.stderr and "peak memory" in done.stderr
+
+
+def test_draft_sibling_shares_the_tokenizer():
+    """The small sibling (a future draft model for speculative decoding) uses the same tokenizer."""
+    main = PipelineModel.from_pretrained()
+    draft = PipelineModel.from_pretrained(builtin_model_path("draft"))
+    assert draft.args.dim < main.args.dim and draft.size_gb() < main.size_gb() / 3
+    text = "for key, value in sorted(mapping.items()):\n    print(key)"
+    assert draft.tokenizer.encode(text) == main.tokenizer.encode(text)
+    out = draft.generate("import sys\n", max_tokens=20)
+    assert isinstance(out, str) and len(out) > 10
