@@ -46,12 +46,16 @@ class PipelineModel:
                         memory_limit: str | int | None = None, prefetch_depth: int = 2, parallel_loading: bool = True,
                         batch_size: int = 1, ctx: int | None = None, io_mode: str = "auto",
                         threads: int | None = None, device: str = "cpu", cache_dir: str | os.PathLike | None = None,
-                        progress: bool = False) -> "PipelineModel":
+                        progress: bool = False, cluster: str | None = None, workers: int = 1,
+                        parallel: str = "pipeline") -> "PipelineModel":
         """Load a GGUF file or Hugging Face folder (None: the built-in model).
 
         memory_limit ("2GB", "1536MiB", bytes or None) caps peak RSS: what fits stays resident,
         the rest streams from disk, `prefetch_depth` layers ahead, with several reads in flight if
         `parallel_loading`. `batch_size` and `ctx` size the KV cache the plan reserves.
+        With `cluster="HOST:PORT"` the model runs on `workers` worker processes or machines
+        (`pipeload worker --join HOST:PORT --model PATH` on each), split by layers
+        (parallel="pipeline") or by heads and columns ("tensor"); see pipeload/cluster/.
         Raises ModelFileError / UnsupportedModelError / MemoryBudgetError (PipeloadError) on bad input.
         """
         from .runtime.memory import parse_size
@@ -64,6 +68,14 @@ class PipelineModel:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if threads is not None:
             torch.set_num_threads(threads)
+        if cluster is not None:
+            from .cluster.launch import connect_cluster
+
+            engine = connect_cluster(builtin_model_path() if path is None else path, cluster, workers, parallel,
+                                     DTYPES[dtype], context=ctx, batch=batch_size)
+            options = {"dtype": dtype, "batch_size": batch_size, "ctx": ctx, "cluster": cluster, "workers": workers,
+                       "parallel": parallel}
+            return cls(engine, _load_tokenizer(engine), options)
         bar = None
 
         def on_progress(done: int, total: int) -> None:
@@ -117,6 +129,32 @@ class PipelineModel:
     def size_gb(self) -> float:
         """Bytes of the model's weights on disk, in GB (10^9)."""
         return self.engine.index.total_bytes / 1e9
+
+    def quantize(self, method: str = "q4_k_m", output: str | os.PathLike | None = None, calibration_data=None,
+                 **options: Any):
+        """Write this model's weights quantized with `method` to the GGUF file `output` (default:
+        beside the source, "<name>.<method>.gguf"); returns a quantize.QuantizeReport.
+
+        method: a `pipeload convert --quant` name (round to nearest, e.g. "q4_k_m", "q8_0"), or
+        "gptq4" / "gptq4_0" (calibrated GPTQ, see pipeload.quantize) or "rtn4" (gptq4's types,
+        round to nearest). calibration_data: None (the built-in corpus), a .txt/.jsonl path, text,
+        a list of texts, or token ids. options: n_samples, seq_len, damp (see quantize_model).
+        Load the result with PipelineModel.from_pretrained(report.path)."""
+        from .quantize import quantize_model
+
+        src = self.engine.checkpoint.path
+        if output is None:
+            output = (src if src.is_dir() else src.parent) / f"{src.stem}.{method}.gguf"
+        return quantize_model(src, output, method=method, calibration_data=calibration_data,
+                              tokenizer=self._tokenizer, **options)
+
+    def perplexity(self, text: str, ctx: int | None = None, stride: int | None = None,
+                   max_tokens: int | None = None):
+        """Perplexity and bits per byte on `text` (sliding window, see pipeload.perplexity);
+        returns a perplexity.PerplexityResult."""
+        from .perplexity import perplexity
+
+        return perplexity(self.engine, self.tokenizer, text, ctx=ctx, stride=stride, max_tokens=max_tokens)
 
     # -- computing -----------------------------------------------------------------------------
 

@@ -42,7 +42,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .runtime.memory import format_bytes
 
     model = PipelineModel.from_pretrained(a.model, dtype=a.dtype, threads=a.threads, memory_limit=a.memory_limit,
-                                          prefetch_depth=a.prefetch_depth, ctx=a.ctx, progress=True)
+                                          prefetch_depth=a.prefetch_depth, ctx=a.ctx, progress=True,
+                                          cluster=a.cluster, workers=a.workers, parallel=a.parallel)
     sampling = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
     if a.chat:
@@ -60,6 +61,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(f"\n[{model.engine.checkpoint.path.name}] prompt: {st['prompt_tokens']} tokens, {st['prompt_tps']:.1f} tok/s"
           f" | generation: {st['generation_tokens']} tokens, {st['generation_tps']:.1f} tok/s"
           f" | peak memory: {format_bytes(st['peak_rss'])} | finish: {reason}", file=sys.stderr)
+    if a.cluster:
+        from .cluster.cli import print_cluster_summary
+
+        print_cluster_summary(model.engine)
+        model.close()
     if model.plan is not None:
         plan = model.plan
         print(f"[memory plan] budget {format_bytes(plan.budget)}, predicted peak {format_bytes(plan.predicted_peak)}; "
@@ -104,7 +110,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         models=a.models, host=a.host, port=a.port, memory_limit=parse_size(a.memory_limit),
         total_memory=parse_size(a.total_memory), max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.ctx_size,
         exact=not a.fast_batching, dtype=a.dtype, threads=a.threads, preload=a.preload,
-        drain_timeout=a.drain_timeout, log_level=a.log_level))
+        drain_timeout=a.drain_timeout, log_level=a.log_level,
+        cluster={"address": a.cluster, "workers": a.workers, "parallel": a.parallel} if a.cluster else None))
 
 
 def _add_serve_parser(sub) -> None:
@@ -130,11 +137,23 @@ def _add_serve_parser(sub) -> None:
                    help="seconds to let in-flight requests finish on SIGTERM / Ctrl-C (default 300)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_model_options(p)
+    _add_cluster_options(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    from .cluster.cli import add_cluster_options
+
+    add_cluster_options(p)
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
     import torch
+
+    if a.cluster:
+        from .cluster.cli import cmd_plan_cluster
+
+        return cmd_plan_cluster(a)
 
     from .inspect import parameter_count
     from .runtime.engine import model_args, resolve_dtype
@@ -193,6 +212,88 @@ def _add_bench_parser(sub) -> None:
         sp.set_defaults(func=cmd_bench)
 
 
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .quantize import quantize_model
+    from .runtime.memory import format_bytes
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=f"quantizing ({a.method})", disable=a.quiet)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    report = quantize_model(a.model, a.output, method=a.method, calibration_data=a.calibration,
+                            n_samples=a.samples, seq_len=a.seq_len, damp=a.damp, progress=progress)
+    bar.close()
+    print(f"wrote {report.path} ({format_bytes(report.bytes_written)}, {a.method}) in {report.seconds:.1f} s; "
+          f"peak memory {format_bytes(report.peak_rss)}")
+    if report.layers:
+        gptq = sum(l["gptq_error"] for l in report.layers) / len(report.layers)
+        rtn = sum(l["rtn_error"] for l in report.layers) / len(report.layers)
+        print(f"{len(report.layers)} matrices by GPTQ on {report.calibration_tokens} calibration tokens: mean relative "
+              f"output error {gptq:.2e} (round to nearest: {rtn:.2e})")
+    return 0
+
+
+def cmd_perplexity(a: argparse.Namespace) -> int:
+    import json
+
+    from .api import PipelineModel
+    from .perplexity import kl_divergence, perplexity, read_text
+
+    model = PipelineModel.from_pretrained(a.model, dtype=a.dtype, threads=a.threads)
+    text = read_text(a.text)
+    r = perplexity(model.engine, model.tokenizer, text, ctx=a.ctx, stride=a.stride, max_tokens=a.max_tokens)
+    result = r.as_dict()
+    print(f"{model.engine.checkpoint.path.name}: perplexity {r.perplexity:.4f}, {r.bits_per_byte:.4f} bits/byte "
+          f"({r.tokens} tokens, {r.bytes} bytes, ctx {r.ctx}, stride {r.stride}, {r.seconds:.1f} s)")
+    if a.kl_base:
+        base = PipelineModel.from_pretrained(a.kl_base, dtype=a.dtype, threads=a.threads)
+        ids = model.tokenizer.encode(text)[:a.max_tokens]
+        kl = kl_divergence(model.engine, base.engine, ids, r.ctx, r.stride)
+        result.update(kl)
+        print(f"against {base.engine.checkpoint.path.name}: KL divergence {kl['kl_divergence']:.5f} nats/token, "
+              f"same top token {100 * kl['same_top_token']:.2f}%")
+    if a.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _add_quantize_parsers(sub) -> None:
+    p = sub.add_parser("quantize", help="write a quantized GGUF: round to nearest or calibrated 4-bit (GPTQ)")
+    p.add_argument("model", help="HF folder or GGUF file (best: f16/f32)")
+    p.add_argument("-o", "--output", required=True, help="output .gguf path")
+    p.add_argument("--method", default="gptq4",
+                   help="gptq4 (Q4_K_M types, 4-bit matrices by GPTQ), gptq4_0 (all Q4_0 by GPTQ), rtn4 (gptq4's "
+                        "types, round to nearest), or any --quant of convert (default gptq4)")
+    p.add_argument("--calibration", default=None,
+                   help="calibration text: a .txt or .jsonl file (default: the built-in corpus, training split)")
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("perplexity", help="perplexity and bits per byte on a text (sliding window)")
+    p.add_argument("model", help="GGUF file or HF folder")
+    p.add_argument("--text", required=True, help="a UTF-8 text file, or .jsonl with a \"text\" field per line")
+    p.add_argument("--ctx", type=int, default=None, help="window length in tokens (default min(512, context))")
+    p.add_argument("--stride", type=int, default=None, help="tokens the window advances, < ctx (default ctx/2)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    p.add_argument("--kl-base", default=None, help="also report the KL divergence from this model (e.g. the f16 one)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON line too")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_perplexity)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeload", description="Run transformer models larger than memory.")
     parser.add_argument("--version", action="version", version=_version())
@@ -205,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(p)
     _add_model_options(p)
     _add_budget_options(p)
+    _add_cluster_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="architecture, parameters, per-layer bytes and quant types")
@@ -218,17 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--prefetch-depth", type=int, default=2, help="streamed groups read ahead (default 2)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--cluster", default=None, metavar="NODES.yaml",
+                   help="plan layers over the nodes of this file (see pipeload/cluster/cli.py): pipeline and "
+                        "tensor-parallel predictions")
+    p.add_argument("--streams", type=int, default=4, help="with --cluster: also predict this many streams (default 4)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("convert", help="write a GGUF file (layer by layer, bounded memory)")
     p.add_argument("src", help="HF folder or GGUF file")
     p.add_argument("-o", "--output", required=True, help="output .gguf path")
-    p.add_argument("--quant", default="f16", help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k")
+    p.add_argument("--quant", default="f16",
+                   help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, or llama.cpp's mix q4_k_m")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
     _add_serve_parser(sub)
     _add_bench_parser(sub)
+    from .cluster.cli import add_parsers as _add_cluster_parsers
+
+    _add_cluster_parsers(sub)
+    _add_quantize_parsers(sub)
     return parser
 
 

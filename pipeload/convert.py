@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from .errors import UnsupportedModelError
+from .quant.mixes import FILE_TYPES, MIXES, UNIFORM, tensor_type
 from .runtime.engine import model_args
 from .runtime.loader import read_group
 from .runtime.memory import peak_rss
@@ -25,12 +26,7 @@ from .weights.gguf_export import add_value, hf_tokenizer_metadata
 from .weights.index import build_index
 from .weights.io import RangeReader
 
-# --quant name -> GGML type for 2-D weight matrices (norms, biases and other 1-D tensors stay F32)
-QUANT_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
-               "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K"}
-# llama.cpp's general.file_type numbers (LLAMA_FTYPE_*)
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q5_K": 17,
-              "Q6_K": 18, "BF16": 32}
+QUANT_TYPES = {**UNIFORM, **{m: m.upper() for m in MIXES}}  # --quant names (uniform types and mixes)
 
 
 @dataclass
@@ -41,17 +37,21 @@ class ConvertReport:
     peak_rss: int
 
 
-def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> str:
-    """GGML type to store a tensor in: the chosen quant for 2-D weights whose rows fit its blocks."""
-    from .quant import row_nbytes
+class GroupEncoder(Protocol):
+    """Turns one layer group's float tensors into the bytes to store (a calibrated quantizer is one)."""
 
-    if len(shape) < 2 or not name.endswith(".weight") or quant == "F32":
-        return "F32"
-    try:
-        row_nbytes(GGMLQuantizationType[quant], shape[-1])
-    except ValueError:
-        return "F16"  # llama.cpp's fallback for rows that are not a multiple of the block size
-    return quant
+    def encode_group(self, group: str, tensors: dict[str, torch.Tensor],
+                     types: dict[str, str]) -> dict[str, np.ndarray]:
+        """{name: stored bytes or float array} for `tensors` (source layout, float32) stored as `types`."""
+        ...
+
+
+class RoundToNearest:
+    """The plain quantizers: every tensor on its own, round to nearest (llama.cpp's reference)."""
+
+    def encode_group(self, group: str, tensors: dict[str, torch.Tensor],
+                     types: dict[str, str]) -> dict[str, np.ndarray]:
+        return {name: encode_tensor(t, types[name]) for name, t in tensors.items()}
 
 
 def encode_tensor(t: torch.Tensor, ggml_type: str) -> np.ndarray:
@@ -67,20 +67,30 @@ def encode_tensor(t: torch.Tensor, ggml_type: str) -> np.ndarray:
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str = "f16",
-            progress: Callable[[int, int], None] | None = None) -> ConvertReport:
-    """Write `src` as a GGUF file at `out` with weights stored as `quant`; returns what was written."""
+            progress: Callable[[int, int], None] | None = None, encoder: GroupEncoder | None = None,
+            types: Callable[[str, tuple[int, ...]], str] | None = None) -> ConvertReport:
+    """Write `src` as a GGUF file at `out` with weights stored as `quant` (a uniform type or a
+    llama.cpp mix such as q4_k_m); returns what was written.
+
+    `encoder` turns each layer group into bytes (default: round to nearest, tensor by tensor);
+    `types(name, shape)` overrides the GGML type names `quant` implies. Raises
+    UnsupportedModelError for an unknown quant."""
     if quant not in QUANT_TYPES:
         raise UnsupportedModelError(f"unknown --quant {quant!r}; choose from {', '.join(QUANT_TYPES)}")
-    qtype = QUANT_TYPES[quant]
+    encoder = encoder or RoundToNearest()
     out = Path(out)
     ckpt = open_checkpoint(src)
     arch, args = model_args(ckpt)
     index = build_index(ckpt, args.n_layers, getattr(arch, "HF_NAME_RULES", None), args.tie_embeddings)
     write_tied = getattr(arch, "GGUF_WRITES_TIED_OUTPUT", False)
+    has_output = not args.tie_embeddings or write_tied
+    if types is None:
+        def types(name: str, shape: tuple[int, ...]) -> str:
+            return tensor_type(name, shape, quant, args.n_layers, has_output)
 
     w = GGUFWriter(None, arch.gguf_architecture(args))
     w.add_name(out.stem)
-    w.add_file_type(FILE_TYPES[qtype])
+    w.add_file_type(FILE_TYPES[quant])
     w.add_quantization_version(2)
     metadata = dict(arch.gguf_metadata(args))
     if ckpt.format == "hf":
@@ -99,9 +109,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str = "f16",
                 continue
             if ref.name == "output.weight" and args.tie_embeddings and not write_tied:
                 continue
-            plan.append((ref.name, ref.shape, tensor_type(ref.name, ref.shape, qtype)))
+            plan.append((ref.name, ref.shape, types(ref.name, ref.shape)))
         if group.name == "embed":
             plan.extend((name, tuple(t.shape), "F32") for name, t in extra.items())
+    planned = {name: gtype for name, _, gtype in plan}
     from .quant import tensor_nbytes
 
     for name, shape, gtype in plan:
@@ -121,15 +132,21 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str = "f16",
                 tensors = read_group([group], reader, torch.float32)
                 if group.name == "embed":
                     tensors.update(extra)
-                for name in [n for n, _, _ in plan if n in tensors]:
+                names = [n for n, _, _ in plan if n in tensors]
+                encoded = encoder.encode_group(group.name, {n: tensors[n] for n in names},
+                                               {n: planned[n] for n in names})
+                del tensors
+                for name in names:
                     expect_name, _, gtype = next(todo)
                     assert expect_name == name, (expect_name, name)
-                    data = encode_tensor(arch.to_gguf_tensor(name, tensors[name], args), gtype)
+                    # rows are quantized independently, so llama.cpp's q/k row order is applied to the bytes
+                    stored = arch.to_gguf_tensor(name, torch.from_numpy(np.ascontiguousarray(encoded[name])), args)
+                    data = stored.contiguous().numpy()
                     w.write_tensor_data(data)
                     written += data.nbytes
                     if progress:
                         progress(written, total)
-                del tensors
+                del encoded
         w.close()
         os.replace(tmp, out)
     finally:

@@ -28,10 +28,24 @@ def test_golden_greedy_continuation(exact):
 
 
 def test_default_path_is_bf16_packed_and_agrees(exact):
+    """bf16 logits stay within bf16 rounding of float32; greedy tokens agree up to the first near-tie.
+
+    bf16 products move logits by up to ~0.13 here, so a position whose float32 top-2 margin is
+    below NEAR_TIE may flip (position 16 of GOLDEN has a 0.044 margin); nowhere else may it."""
+    NEAR_TIE = 0.25
     m = PipelineModel.from_pretrained()
     assert m.engine.dtype == torch.bfloat16
+    prompt_ids = exact.tokenizer.encode(PROMPT)
+    ids, n = prompt_ids + GOLDEN, len(prompt_ids)
+    ref, got = exact.logits(ids)[n - 1:-1].float(), m.logits(ids)[n - 1:-1].float()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+    top2 = ref.topk(2).values
+    margin = top2[:, 0] - top2[:, 1]
+    assert torch.equal(got.argmax(-1)[margin > NEAR_TIE], ref.argmax(-1)[margin > NEAR_TIE])
     out = [r for r in m.stream(PROMPT, max_tokens=len(GOLDEN))][-1].token_ids
-    assert sum(a == b for a, b in zip(out, GOLDEN)) >= 0.9 * len(GOLDEN)
+    differs = [i for i, (a, b) in enumerate(zip(out, GOLDEN)) if a != b]
+    if differs:  # greedy decoding may leave GOLDEN only at a float32 near-tie
+        assert margin[differs[0]].item() < NEAR_TIE, (differs[0], margin[differs[0]].item())
 
 
 def test_matches_transformers_on_the_same_file(exact):

@@ -5,7 +5,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from pipeload.quant import dequantize, quantize
-from pipeload.quant.linear import Int4Linear, Int8Linear, pack_int4, unpack_int4
+from pipeload.quant.linear import PREFILL_ROWS, Int4Linear, Int8Linear, _c_decode, pack_int4, unpack_int4
 from pipeload.quant.native import native_linear, requantization_error
 
 # weight error budget per format: bf16 scale/zero for the 4-bit kernel, per-row int8 otherwise
@@ -35,7 +35,8 @@ def test_native_linear_matches_float64_reference(qtype):
         x = torch.randn(m, k, generator=g)
         ref = x.bfloat16().double() @ exact.t()
         err = ((layer(x).double() - ref).norm() / ref.norm()).item()
-        assert err < 2 * WEIGHT_TOL[qtype] + 0.005, (m, err)
+        act = 0.012 if m < PREFILL_ROWS and _c_decode() and qtype not in (T.F16, T.BF16) else 0.0  # 8-bit activations
+        assert err < 2 * WEIGHT_TOL[qtype] + 0.005 + act, (m, err)
 
 
 def test_int4_rejects_shapes_the_kernel_cannot_hold():
@@ -67,4 +68,6 @@ def test_quantized_model_native_vs_exact(tmp_path):
         pos = torch.arange(24)[None]
         a = exact.executor.forward(ids, pos, None)
         b = native.executor.forward(ids, pos, None)
-        assert ((a - b).norm() / a.norm()).item() < 0.03
+        # 24 rows take the decode kernels, which quantize activations to 8 bits in blocks of 32 as
+        # llama.cpp does (0.031 here for q4_k; 0.02 with PIPELOAD_DECODE=torch's bf16 activations)
+        assert ((a - b).norm() / a.norm()).item() < 0.04

@@ -6,6 +6,7 @@ the peers, measured side by side in one run. Each section is a module here expor
 SECTIONS = {
     "streaming": "models larger than memory under a budget, against llama.cpp's mmap and HF transformers",
     "compute": "prompt and generation speed against llama.cpp on the same GGUF files",
+    "quality": "perplexity and KL divergence of each quantization method on held-out text",
     "serving": "throughput and latency of pipeload serve with concurrent clients",
     "cluster": "pipeline and tensor parallel over several processes or network namespaces",
 }

@@ -134,6 +134,7 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: LlamaShape, mix: str = 
             "rope.freq_base": 10000.0, "rope.dimension_count": shape.head_dim}
     for k, v in meta.items():
         add_value(w, f"llama.{k}", v)
+    add_value(w, "llama.vocab_size", shape.vocab)  # without a tokenizer, llama.cpp sizes its vocabulary from this
     add_value(w, "tokenizer.ggml.model", "none")
     for name, shp in shapes.items():
         qt = types[name]

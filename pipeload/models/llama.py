@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .common import (Embedding, LayerKV, Linear, RMSNorm, RopeConfig, StepInputs, apply_rope,
+from .common import (Embedding, LayerKV, Linear, RMSNorm, RopeConfig, StepInputs, apply_rope, rope_cis,
                      cached_attention, rope_inv_freq, rope_tables)
 from ..weights.naming import NameRule
 
@@ -118,18 +118,53 @@ class Block(nn.Module):
         self.ffn_gate = Linear(d, args.ffn_dim, bias=args.mlp_bias)
         self.ffn_up = Linear(d, args.ffn_dim, bias=args.mlp_bias)
         self.ffn_down = Linear(args.ffn_dim, d, bias=args.mlp_bias)
+        self.attn_qkv = self.attn_qk = self.ffn_gate_up = None  # merged matrices, see fuse()
 
-    def attention(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None) -> torch.Tensor:
+    def fuse(self) -> None:
+        """Merge attn_q/k/v into one matrix (or q/k when v has another format, as in Q4_K_M's
+        more-bits layers) and ffn_gate/up into another: fewer, larger products per step, the same
+        outputs. Called once after the weights are attached; a no-op where formats differ."""
+        from ..quant.linear import concat_linears
+
+        if self.attn_qkv is None and self.attn_qk is None:
+            qkv = concat_linears([self.attn_q, self.attn_k, self.attn_v])
+            if qkv is not None:
+                self.attn_qkv = qkv
+                del self.attn_q, self.attn_k, self.attn_v
+            elif (qk := concat_linears([self.attn_q, self.attn_k])) is not None:
+                self.attn_qk = qk
+                del self.attn_q, self.attn_k
+        if self.ffn_gate_up is None and (gate_up := concat_linears([self.ffn_gate, self.ffn_up])) is not None:
+            self.ffn_gate_up = gate_up
+            del self.ffn_gate, self.ffn_up
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, T, H, hd), k and v (B, T, Hkv, hd) projections of x (B, T, D)."""
         B, T, _ = x.shape
         a = self.args
-        q = self.attn_q(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)     # (B, H, T, hd)
-        k = self.attn_k(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.attn_v(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        q = apply_rope(q, step.cos, step.sin, a.rope.style)
-        k = apply_rope(k, step.cos, step.sin, a.rope.style)
-        return self.attn_output(cached_attention(q, k, v, kv, step))  # (B, T, D)
+        if self.attn_qkv is not None:
+            qkv = self.attn_qkv(x).view(B, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
+            return qkv.split([a.n_heads, a.n_kv_heads, a.n_kv_heads], dim=2)
+        if self.attn_qk is not None:
+            q, k = self.attn_qk(x).view(B, T, a.n_heads + a.n_kv_heads, a.head_dim).split([a.n_heads, a.n_kv_heads], 2)
+        else:
+            q = self.attn_q(x).view(B, T, a.n_heads, a.head_dim)
+            k = self.attn_k(x).view(B, T, a.n_kv_heads, a.head_dim)
+        return q, k, self.attn_v(x).view(B, T, a.n_kv_heads, a.head_dim)
+
+    def attention(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None) -> torch.Tensor:
+        a = self.args
+        q, k, v = self._qkv(x)  # (B, T, heads, hd)
+        cos, sin = step.cos.transpose(1, 2), step.sin.transpose(1, 2)  # (B, T, 1, rot/2)
+        cis = step.cis.transpose(1, 2) if step.cis is not None else None
+        q = apply_rope(q, cos, sin, a.rope.style, cis).transpose(1, 2)  # (B, H, T, hd)
+        k = apply_rope(k, cos, sin, a.rope.style, cis).transpose(1, 2)  # (B, Hkv, T, hd)
+        return self.attn_output(cached_attention(q, k, v.transpose(1, 2), kv, step))  # (B, T, D)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ffn_gate_up is not None:
+            gate, up = self.ffn_gate_up(x).chunk(2, dim=-1)
+            return self.ffn_down(F.silu(gate) * up)
         return self.ffn_down(F.silu(self.ffn_gate(x)) * self.ffn_up(x))
 
     def forward(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None) -> torch.Tensor:
@@ -161,7 +196,8 @@ class Model(nn.Module):
         if self._inv_freq is None:
             self._inv_freq = rope_inv_freq(self.args.rope, self.rope_freqs)
         cos, sin = rope_tables(self._inv_freq, positions)
-        return StepInputs(positions=positions, mask=mask, cos=cos, sin=sin)
+        cis = rope_cis(cos, sin) if self.args.rope.style == "interleaved" else None
+        return StepInputs(positions=positions, mask=mask, cos=cos, sin=sin, cis=cis)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.output_norm(h))  # (B, T, V)

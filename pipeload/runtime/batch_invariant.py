@@ -204,6 +204,13 @@ class RowExact:
                 if attn_mask is None:
                     raise ValueError("a sliding-window pass needs the executor's attention mask")
                 mask = attn_mask[b:b + 1, :, :row.length, :kv_len]
+            if row.length == 1 and mask is None:  # a lone decode step takes cached_attention's one-token path
+                from ..models.common import one_token_attention
+
+                H, hd = q.shape[1], q.shape[3]
+                one = one_token_attention(q[b:b + 1, :, :1], k[b:b + 1, :, :kv_len], v[b:b + 1, :, :kv_len], scale)
+                out[b:b + 1, :, :1] = one.view(1, 1, H, hd).transpose(1, 2)
+                continue
             out[b:b + 1, :, :row.length] = plain(
                 q[b:b + 1, :, :row.length], k[b:b + 1, :, :kv_len], v[b:b + 1, :, :kv_len], attn_mask=mask,
                 dropout_p=dropout_p, is_causal=plain_causal and row.length > 1, scale=scale, enable_gqa=enable_gqa)

@@ -124,6 +124,8 @@ def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memor
                 block = model.new_block(i)
                 attach_weights(block, read_raw([index.block(i)], reader), f"blk.{i}.", dtype, native,
                                f"{ckpt.path}: layer {i}")
+                if hasattr(block, "fuse"):
+                    block.fuse()  # merged q/k/v and gate/up matrices: same outputs, fewer products
                 blocks.append(block)
             layers, chosen_io = ResidentLayers(model, blocks), None
         else:

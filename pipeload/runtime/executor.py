@@ -94,14 +94,22 @@ class Executor:
                 logit_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T) at positions (B, T); with logit_index (B,), only
         those positions' logits (B, V). The cache, if given, gains the new keys and values."""
-        chunks = self._chunk_inputs(positions, cache)
         h = self.model.embed(tokens, positions)  # (B, T, D)
-        for i in range(self.n_layers):
+        h = self.forward_layers(h, positions, cache, 0, self.n_layers)
+        return self.head(h, logit_index)
+
+    @torch.inference_mode()
+    def forward_layers(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
+                       start: int, stop: int) -> torch.Tensor:
+        """The hidden state (B, T, D) after layers start..stop-1 (global indices) for the hidden
+        state h (B, T, D) entering layer `start`; one pipeline stage runs exactly this."""
+        chunks = self._chunk_inputs(positions, cache)
+        if len(chunks) == 1 and cache is not None:
+            cache.begin_step(chunks[0][2], chunks[0][3])  # the same positions for every layer
+        for i in range(start, stop):
             block = self.layers.acquire(i)
             t0 = time.perf_counter() if self.profile else 0.0
             if len(chunks) == 1:
-                if cache is not None:
-                    cache.begin_step(chunks[0][2], chunks[0][3])
                 h = block(h, chunks[0][1], cache.layer(i) if cache is not None else None)
             else:  # the whole prompt through this layer, chunk after chunk, before the next layer
                 out = torch.empty_like(h)
@@ -112,6 +120,12 @@ class Executor:
             if self.profile:
                 self.layer_seconds[i] += time.perf_counter() - t0
             self.layers.release(i)
+        return h
+
+    @torch.inference_mode()
+    def head(self, h: torch.Tensor, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits of the final hidden state h (B, T, D): (B, T, V), or (B, V) for the
+        positions logit_index (B,)."""
         if logit_index is not None:
             h = h[torch.arange(h.shape[0]), logit_index]  # (B, D): only the rows we sample from
         head = self.layers.acquire_head()

@@ -1,0 +1,285 @@
+"""`pipeload bench cluster`: pipeline and tensor parallel over K worker processes.
+
+On one machine, K `pipeload worker` processes with one thread each stand in for K single-core
+nodes. Each configuration runs in a fresh coordinator process that starts its workers, forms the
+cluster, and decodes S streams at once (one thread per stream, S = 1 and S = K); one process with
+one thread is the baseline (one stream, and a batch of K sequences, which reads the weights once
+for all of them). Printed: tokens/s, the speedup against the baseline, the ideal speedup
+(pipeline: min(S, K); tensor parallel: K), the efficiency, the planner's prediction (from the
+workers' calibration and the measured link latency) and its error, and the bytes and messages
+per token on every hop.
+
+`--netns` repeats the two-node runs across two network namespaces joined by a veth pair shaped
+to 1 Gbit/s with tc (needs root), and `--llama-rpc` runs llama.cpp's RPC backend on the same
+model, processes and links (bench/cluster_net.py; llama.cpp is built once into the bench cache
+from the llama-cpp-python source package).
+
+    pipeload bench cluster                     # 1B-shaped Q4_0 model, stages 1-3, both modes
+    pipeload bench cluster --netns --llama-rpc # plus the shaped link and llama.cpp RPC
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .harness import default_cache, markdown_table, run_child, save
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--shape", default="1b", help="synthetic Llama shape from bench/synth.py SHAPES (default 1b)")
+    p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    p.add_argument("--mix", default="q4_0", help="quant mix of the synthetic model (default q4_0)")
+    p.add_argument("--tokens", type=int, default=33, help="tokens generated per stream (default 33)")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens per stream (default 16)")
+    p.add_argument("--stages", default="1,2,3", help="node counts to run (default 1,2,3)")
+    p.add_argument("--modes", default="pipeline,tensor", help="pipeline, tensor or both (default both)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each configuration, median (default 1)")
+    p.add_argument("--netns", action="store_true", help="also over two namespaces with a 1 Gbit/s veth (root)")
+    p.add_argument("--llama-rpc", action="store_true", help="also llama.cpp's RPC backend (built once if needed)")
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def model_path(a) -> Path:
+    """The benchmark's synthetic GGUF (written once into the bench cache)."""
+    from dataclasses import replace
+
+    from .synth import SHAPES, write_synthetic_gguf
+
+    shape = SHAPES[a.shape] if a.layers is None else replace(SHAPES[a.shape], n_layers=a.layers)
+    path = default_cache() / f"cluster-{a.shape}{'-' + str(a.layers) if a.layers else ''}-{a.mix}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_synthetic_gguf(path, shape, a.mix, seed=0)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# children: each measurement in a fresh process
+
+
+def child_single(spec: dict) -> dict:
+    """One process, one thread: decode tokens/s of `streams` sequences batched together."""
+    import pipeload  # noqa: F401  (before torch: passive OpenMP waits)
+    import torch
+
+    torch.set_num_threads(1)
+    from pipeload import PipelineModel
+
+    m = PipelineModel.from_pretrained(spec["model"], threads=1)
+    prompts = [[(7 * s + k) % 1000 + 1 for k in range(spec["prompt"])] for s in range(spec["streams"])]
+    list(m.stream(prompts[0], max_tokens=4, temperature=0))  # warm up
+    list(m.stream(prompts, max_tokens=spec["tokens"], temperature=0, ignore_eos=True))
+    st = m.stats
+    return {"tokens_per_second": st["generation_tps"], "load": load_average()}
+
+
+def child_cluster(spec: dict) -> dict:
+    """A coordinator: start the workers (optionally inside network namespaces), form the cluster,
+    decode `streams` streams at once (a thread each); figures of the decode phase."""
+    import pipeload  # noqa: F401
+    import threading
+
+    import torch
+
+    torch.set_num_threads(1)
+    from pipeload import PipelineModel
+    from pipeload.cluster.launch import connect_cluster
+
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    procs = []
+    for k, prefix in enumerate(spec["worker_prefixes"]):
+        cmd = [*prefix, sys.executable, "-m", "pipeload.cli", "worker", "--join", spec["address"], "--model",
+               spec["model"], "--threads", "1", "--name", f"w{k + 1}", "--join-timeout", "120"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    try:
+        engine = connect_cluster(spec["model"], spec["address"], len(procs), spec["mode"], join_timeout=180,
+                                 step_timeout=120)
+        m = PipelineModel(engine, None, {})
+        S, N = spec["streams"], spec["tokens"]
+        prompts = [[(7 * s + k) % 1000 + 1 for k in range(spec["prompt"])] for s in range(S)]
+        list(m.stream(prompts[0], max_tokens=4, temperature=0))  # warm up
+        barrier = threading.Barrier(S + 1)
+        done = [0] * S
+
+        def stream(s):
+            for k, _ in enumerate(m.stream(prompts[s], max_tokens=N, temperature=0, ignore_eos=True)):
+                if k == 0:
+                    barrier.wait(120)  # every stream has its first token: the decode phase starts together
+                done[s] = k + 1
+
+        threads = [threading.Thread(target=stream, args=(s,), daemon=True) for s in range(S)]
+        for t in threads:
+            t.start()
+        barrier.wait(300)
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join(600)
+        seconds = time.perf_counter() - t0
+        decoded = sum(done) - S
+        hops = per_token_traffic(engine, m, prompts[0])
+        predicted = engine_predictions(engine, S)
+        out = {"tokens_per_second": decoded / seconds, "predicted": predicted, "load": load_average(),
+               "link_latency": engine.summary["link_latency"], "plan": engine.summary["plan"], "hops": hops,
+               "calibration": engine.summary["calibration"]}
+        engine.close()
+        return out
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def sent_counters(engine) -> dict[str, tuple[int, int]]:
+    """(bytes, messages) each sender has put on the wire so far: the coordinator and every worker."""
+    coord = engine.coordinator
+    time.sleep(0.5)  # workers publish their counters with each heartbeat
+    out = {"coordinator": (coord.channel.bytes_sent, coord.channel.messages_sent)}
+    names = roles(engine)
+    for wid, h in coord.workers.items():
+        key = f"sent/{wid}"
+        if coord.monitor_store.check([key]):
+            b, n, ar_calls, ar_bytes = coord.monitor_store.get(key).decode().split()
+            out[names.get(h["name"], h["name"])] = (int(b), int(n))
+            if int(ar_calls):
+                out[names.get(h["name"], h["name"]) + " all-reduce"] = (int(ar_bytes), int(ar_calls))
+    return out
+
+
+def per_token_traffic(engine, m, prompt: list[int], extra: int = 8) -> dict[str, tuple[float, float]]:
+    """{sender: (bytes, messages) per decoded token}: the traffic of a run of 1 + extra tokens
+    minus that of a run of 1 token (same prompt), over `extra`."""
+    c0 = sent_counters(engine)
+    list(m.stream(prompt, max_tokens=1, temperature=0, ignore_eos=True))
+    c1 = sent_counters(engine)
+    list(m.stream(prompt, max_tokens=1 + extra, temperature=0, ignore_eos=True))
+    c2 = sent_counters(engine)
+    return {k: (((c2[k][0] - c1[k][0]) - (c1[k][0] - c0[k][0])) / extra,
+                ((c2[k][1] - c1[k][1]) - (c1[k][1] - c0[k][1])) / extra) for k in c2 if k in c0}
+
+
+def engine_predictions(engine, streams: int) -> float:
+    """The planner's decode tokens/s for `streams` streams on this cluster (measured link latency,
+    coordinator overhead and, for tensor parallel, all-reduce time)."""
+    from pipeload.cluster.placement import LinkSpec
+
+    coord = engine.coordinator
+    planner = coord.plan_maker
+    link = LinkSpec(latency=max(coord.link_latency, 1e-6), bandwidth=planner.link.bandwidth)
+    pred = planner.predictions(coord.plan["ranks"], link, [streams], coord.client_seconds, coord.allreduce_seconds)
+    return pred[f"{coord.mode}_{streams}"]
+
+
+def roles(engine) -> dict[str, str]:
+    """{worker name: its place} — "stage k" in a pipeline, "rank k" in tensor parallel."""
+    coord = engine.coordinator
+    by_rank = {r: coord.workers[int(i)]["name"] for i, r in coord.plan["rank_of"].items()}
+    if coord.mode == "pipeline":
+        return {by_rank[r]: f"stage {k + 1}" for k, r in enumerate(coord.plan["order"])}
+    return {by_rank[r]: f"rank {k + 1}" for k, r in enumerate(coord.plan["tp_ranks"])}
+
+
+def _run(fn: str, spec: dict, env: dict | None = None, prefix: list[str] | None = None) -> dict:
+    code = f"import json, sys; from pipeload.bench.cluster import {fn}; print(json.dumps({fn}(json.loads(sys.argv[1]))))"
+    if prefix:
+        done = subprocess.run([*prefix, sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                              timeout=1800, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
+        if done.returncode != 0:
+            raise RuntimeError(f"benchmark child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(code, json.dumps(spec), timeout=1800, env=env)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _median_run(fn: str, spec: dict, repeats: int, prefix=None) -> dict:
+    runs = [_run(fn, {**spec, "address": spec.get("address_host", "127.0.0.1") + f":{free_port()}"}, prefix=prefix)
+            for _ in range(repeats)]
+    runs.sort(key=lambda r: r["tokens_per_second"])
+    return runs[len(runs) // 2]
+
+
+def scaling(a, model: Path) -> tuple[list[dict], str]:
+    """The loopback runs and their table."""
+    base = {"model": str(model), "tokens": a.tokens, "prompt": a.prompt}
+    stages = [int(s) for s in a.stages.split(",")]
+    one = _median_run("child_single", {**base, "streams": 1}, a.repeats)
+    rows, results = [], []
+    singles = {1: one}
+    for k in sorted(set(stages) | {1}):
+        if k > 1:
+            singles[k] = _median_run("child_single", {**base, "streams": k}, a.repeats)
+    rows.append(["1 process, 1 thread", 1, 1, one["tokens_per_second"], 1.0, 1, 1.0, "", "", "", f"{one['load']:.1f}"])
+    for k in sorted(singles):
+        if k > 1:
+            r = singles[k]
+            rows.append([f"1 process, batch of {k}", 1, k, r["tokens_per_second"], r["tokens_per_second"] /
+                         one["tokens_per_second"], 1, "", "", "", "", f"{r['load']:.1f}"])
+    for mode in a.modes.split(","):
+        for k in stages:
+            if mode == "tensor" and k == 1:
+                continue
+            for streams in sorted({1, k}):
+                spec = {**base, "mode": mode, "streams": streams, "worker_prefixes": [[]] * k}
+                r = _median_run("child_cluster", spec, a.repeats)
+                speedup = r["tokens_per_second"] / one["tokens_per_second"]
+                ideal = min(streams, k) if mode == "pipeline" else k
+                err = (r["predicted"] - r["tokens_per_second"]) / r["tokens_per_second"]
+                rows.append([mode, k, streams, r["tokens_per_second"], speedup, ideal, speedup / ideal,
+                             r["predicted"], f"{100 * err:+.0f}%", f"{r['link_latency'] * 1e6:.0f}", f"{r['load']:.1f}"])
+                results.append({"mode": mode, "nodes": k, "streams": streams, **r})
+    headers = ["configuration", "nodes", "streams", "tokens/s", "speedup", "ideal", "efficiency", "predicted tok/s",
+               "prediction error", "hop latency (us)", "load avg"]
+    return [{"single": singles}] + results, markdown_table(headers, rows)
+
+
+def hop_table(results: list[dict]) -> str:
+    """Bytes and messages per token on each hop (the sender's counters over the decode phase)."""
+    rows = []
+    for r in results:
+        if "hops" not in r:
+            continue
+        for sender, (b, n) in r["hops"].items():
+            if n:
+                rows.append([r["mode"], r["nodes"], r["streams"], r.get("link", "loopback"), sender, b, n])
+    return markdown_table(["mode", "nodes", "streams", "link", "sender", "bytes/token", "messages/token"], rows)
+
+
+def run(a) -> int:
+    out = Path(a.out)
+    print(f"load average before: {load_average():.2f} (2 cores shared with other work: ratios are side by side)")
+    model = model_path(a)
+    t0 = time.time()
+    results, table = scaling(a, model)
+    print(f"\n## Scaling on loopback ({model.name}, {a.tokens} tokens per stream, 1 thread per process)\n")
+    print(table)
+    print("\n## Bytes and messages per token per hop (loopback)\n")
+    print(hop_table(results[1:]))
+    report = {"model": str(model), "scaling": results, "scaling_table": table}
+    if a.netns or a.llama_rpc:
+        from .cluster_net import shaped_and_rpc
+
+        net_results, net_tables = shaped_and_rpc(a, model, results)
+        report["net"] = net_results
+        for title, t in net_tables.items():
+            print(f"\n## {title}\n")
+            print(t)
+        table += "\n\n" + "\n\n".join(f"## {k}\n\n{v}" for k, v in net_tables.items())
+    print(f"\nload average after: {load_average():.2f}; {time.time() - t0:.0f} s")
+    save(out, "cluster", report, table)
+    return 0

@@ -1,0 +1,299 @@
+"""The part of the model one worker runs: a range of layers (pipeline) or a shard of every layer
+(tensor parallel), its KV caches, and what it does with each message.
+
+Layers are read from the worker's own copy of the model file. When a new plan gives a worker a
+different range (after a failure), it keeps the blocks it already holds and reads only the new
+ones; what does not fit its memory budget streams through the kernel-native cache, as on one
+machine (runtime/streaming.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MemoryBudgetError
+from ..runtime.engine import model_args, resolve_dtype
+from ..runtime.executor import Executor, ResidentLayers
+from ..runtime.kv_cache import KVCache, LayerView
+from ..runtime.loader import _set_module, attach_weights, read_raw
+from ..weights.checkpoint import open_checkpoint
+from ..weights.index import build_index
+from ..weights.io import RangeReader
+from . import protocol as P
+from .shard import AllReduce, ShardBlock, ShardSpec, apply_shard, local_args, shard_head
+
+MARGIN = 64 << 20
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the plan asks of one worker: layers start..stop-1, embeddings and/or head, a shard."""
+
+    start: int
+    stop: int
+    embed: bool
+    head: bool
+    shard: ShardSpec | None = None
+
+    def as_dict(self) -> dict:
+        return {"start": self.start, "stop": self.stop, "embed": self.embed, "head": self.head,
+                "shard": self.shard.as_dict() if self.shard else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Assignment":
+        return cls(d["start"], d["stop"], d["embed"], d["head"], ShardSpec.from_dict(d["shard"]) if d["shard"] else None)
+
+
+class StageCache(KVCache):
+    """A KV cache of layers first..first+n-1 only (layer indices stay global)."""
+
+    def __init__(self, first: int, n_layers: int, *args, **kwargs):
+        super().__init__(n_layers, *args, **kwargs)
+        self.first = first
+
+    def layer(self, i: int) -> LayerView:
+        return LayerView(self, i - self.first)
+
+
+class StageModel:
+    """One worker's weights and caches; `assign` (re)loads, `handle` runs one message."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = None, memory_limit: int | None = None,
+                 cache_dir: Path | None = None):
+        self.ckpt = open_checkpoint(path)
+        self.arch, self.args = model_args(self.ckpt)
+        self.dtype, self.native = resolve_dtype(self.ckpt, dtype)
+        self.index = build_index(self.ckpt, self.args.n_layers, getattr(self.arch, "HF_NAME_RULES", None),
+                                 self.args.tie_embeddings)
+        self.memory_limit, self.cache_dir = memory_limit, cache_dir
+        self.blocks: dict[int, nn.Module] = {}
+        self.model: nn.Module | None = None
+        self.assignment: Assignment | None = None
+        self.reduce = AllReduce()
+        self.caches: dict[int, StageCache] = {}
+        self.executor: Executor | None = None
+        self.streamed_layers = None
+        self.context = self.args.context_length
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _outer(self, a: Assignment) -> nn.Module:
+        """Embeddings and/or head as the assignment asks (token embeddings are tiny to keep)."""
+        model = self.arch.Model(self.args)
+        if a.shard is not None:
+            shard_head(model, a.shard)
+        groups = [self.index.groups["embed"]] + ([self.index.groups["head"]] if a.head else [])
+        with RangeReader() as reader:
+            raw = read_raw(groups, reader)
+        rope = raw.pop("rope_freqs.weight", None)
+        if rope is not None:
+            from ..runtime.loader import decode_tensor
+
+            model.rope_freqs = decode_tensor(*rope, torch.float32)
+        if a.shard is not None and a.head:
+            raw, _ = apply_shard(raw, a.shard, "", self.native, self.dtype)
+        only = None if a.head else ("token_embd", "position_embd")
+        if only is not None:
+            raw = {k: v for k, v in raw.items() if not k.startswith("output")}
+        attach_weights(model, raw, "", self.dtype, self.native, f"{self.ckpt.path}: embeddings and head", only=only)
+        return model
+
+    def _block(self, i: int, reader: RangeReader, shard: ShardSpec | None) -> nn.Module:
+        raw = read_raw([self.index.block(i)], reader)
+        where = f"{self.ckpt.path}: layer {i}"
+        if shard is None:
+            block = self.model.new_block(i)
+            attach_weights(block, raw, f"blk.{i}.", self.dtype, self.native, where)
+            return block
+        block = self.arch.Block(local_args(self.args, shard))
+        raw, built = apply_shard(raw, shard, f"blk.{i}.", self.native, self.dtype)
+        for name, module in built.items():
+            _set_module(block, name, module)
+        attach_weights(block, raw, f"blk.{i}.", self.dtype, self.native, where)
+        return ShardBlock(block, shard, self.args, self.reduce)
+
+    def assign(self, a: Assignment, context: int, batch: int) -> dict:
+        """Hold what `a` asks, keeping blocks already held (same shard); returns figures
+        {"loaded": layers read now, "kept": layers kept, "streamed": layers streamed, "seconds"}."""
+        t0 = time.perf_counter()
+        old = self.assignment
+        same_shard = old is not None and old.shard == a.shard
+        keep = {i: b for i, b in self.blocks.items() if same_shard and a.start <= i < a.stop}
+        self.blocks, kept = dict(keep), len(keep)
+        if self.streamed_layers is not None:
+            self.streamed_layers.close()
+            self.streamed_layers = None
+        if old is None or not same_shard or (a.embed, a.head) != (old.embed, old.head) or self.model is None:
+            self.model = self._outer(a)
+        self.context = min(context, self.args.context_length)
+        wanted = [i for i in range(a.start, a.stop) if i not in keep]
+        resident, streamed = self._fit(wanted, a, batch)
+        with RangeReader() as reader:
+            for i in resident:
+                self.blocks[i] = self._block(i, reader, a.shard)
+        layers = ResidentLayers(self.model, self.blocks)
+        if streamed:
+            layers = self._streamed(streamed)
+        self.executor = Executor(self.model, layers, self.args.n_layers, self.args.sliding_window)
+        self.assignment, self.caches = a, {}
+        return {"loaded": len(resident), "kept": kept, "streamed": len(streamed),
+                "seconds": time.perf_counter() - t0}
+
+    def _fit(self, wanted: list[int], a: Assignment, batch: int) -> tuple[list[int], list[int]]:
+        """(layers to hold resident, layers to stream) under the memory limit."""
+        if self.memory_limit is None or not wanted:
+            return wanted, []
+        from ..runtime.memory import current_rss, format_bytes
+        from ..runtime.planner import group_sizes
+
+        if a.shard is not None:
+            return wanted, []  # shards are a fraction of each layer: the plan sized them to fit
+        _, spans, _ = group_sizes(self.index, self.dtype)
+        kv = KVCache.bytes_needed(a.stop - a.start, batch, self.args.n_kv_heads, self.args.head_dim, self.context,
+                                  self.dtype)
+        room = self.memory_limit - current_rss() - kv - MARGIN
+        need = sum(spans[f"blk.{i}"] for i in wanted)
+        if need <= room:
+            return wanted, []
+        ring = 3 * max(spans[f"blk.{i}"] for i in wanted)
+        if room - ring <= 0:
+            raise MemoryBudgetError(f"worker budget {format_bytes(self.memory_limit)} cannot hold a streaming ring of "
+                                    f"{format_bytes(ring)} for layers {a.start}..{a.stop - 1} beside the KV cache "
+                                    f"({format_bytes(kv)}) and the process ({format_bytes(current_rss())})")
+        resident, used = [], 0
+        for i in wanted:
+            if used + spans[f"blk.{i}"] <= room - ring:
+                resident.append(i)
+                used += spans[f"blk.{i}"]
+        return resident, [i for i in wanted if i not in resident]
+
+    def _streamed(self, streamed: list[int]):
+        from ..runtime.native_cache import build_native_cache, cache_folder, open_native_cache
+        from ..runtime.streaming import StreamedLayers
+
+        folder = cache_folder(self.ckpt.path, self.dtype, self.cache_dir)
+        cache = open_native_cache(folder) or build_native_cache((self.ckpt, self.args, self.index, self.model),
+                                                                folder, self.dtype, self.native, None)
+        resident = {f"blk.{i}": b for i, b in self.blocks.items()}
+        resident["head"] = self.model
+        self.streamed_layers = StreamedLayers(self.model, cache, resident, [f"blk.{i}" for i in streamed], 2,
+                                              "buffered")
+        return self.streamed_layers
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def new_cache(self, cache_id: int, batch: int, max_len: int) -> None:
+        a = self.assignment
+        n_kv = a.shard.kv[1] - a.shard.kv[0] if a.shard else self.args.n_kv_heads
+        self.caches[cache_id] = StageCache(a.start, a.stop - a.start, batch, n_kv, self.args.head_dim, max_len,
+                                           self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, m: P.Message, payload: torch.Tensor) -> P.Message:
+        """Run this stage's part of one FORWARD step; returns the message for the next hop
+        (FORWARD with the hidden state, LOGITS, or DONE for a replayed step)."""
+        a = self.assignment
+        width = 0 if m.flags & P.IS_TOKENS else m.width
+        parts = P.unpack(payload, P.forward_specs(m, width))
+        first, positions = parts[0], parts[1]
+        rest = parts[2:]
+        logit_index = rest.pop(0) if m.flags & P.HAS_LOGIT_INDEX else None
+        spans = rest.pop(0) if m.flags & P.HAS_SPANS else None
+        cache = None
+        if m.flags & P.HAS_CACHE:
+            if m.cache not in self.caches:
+                raise ValueError(f"KV cache {m.cache} is unknown on this stage")
+            cache = self.caches[m.cache]
+            if m.row_stop > m.row_start:
+                cache = cache.rows(m.row_start, m.row_stop)
+        ex = self.executor
+        with _row_exact(spans, self.args.sliding_window):
+            h = ex.model.embed(first, positions) if m.flags & P.IS_TOKENS else first
+            h = ex.forward_layers(h, positions, cache, a.start, a.stop)
+            if not a.head:
+                flags = m.flags & ~P.IS_TOKENS
+                return P.Message(P.FORWARD, m.step, m.cache, m.B, m.T, flags, m.row_start, m.row_stop,
+                                 P.DTYPE_CODES[h.dtype], h.shape[-1], epoch=m.epoch,
+                                 tensors=[h, positions] + [t for t in (logit_index, spans) if t is not None])
+            if m.flags & P.NO_HEAD:
+                return P.Message(P.DONE, m.step, m.cache, epoch=m.epoch)
+            logits = ex.head(h, logit_index)
+        # T = 0 says the logits are (B, V): one position per sequence
+        T = 0 if logit_index is not None else m.T
+        return P.Message(P.LOGITS, m.step, m.cache, m.B, T, 0, dtype=P.DTYPE_CODES[torch.float32],
+                         width=logits.shape[-1], epoch=m.epoch, tensors=[logits])
+
+    def control(self, m: P.Message, payload: torch.Tensor) -> None:
+        """Apply a cache control message (NEW_CACHE, FREE_CACHE, REORDER, MOVE_ROW)."""
+        if m.op == P.NEW_CACHE:
+            self.new_cache(m.cache, m.aux, m.width)
+        elif m.op == P.FREE_CACHE:
+            self.caches.pop(m.cache, None)
+        elif m.op == P.REORDER:
+            index = P.unpack(payload, [(torch.int64, (payload.numel() // 8,))])[0]
+            self.caches[m.cache].reorder(index.clone())
+        elif m.op == P.MOVE_ROW:
+            self.caches[m.cache].move_row(m.aux, m.width, m.row_stop)
+
+    def calibrate(self, repeats: int = 5) -> dict:
+        """This node's speed on the model, timed on a real layer (layer 0, loaded for the purpose)
+        in a one-token decode step: {"layer_seconds", "layer_bytes", "decode_bandwidth" (bytes/s),
+        "step_overhead" (seconds a stage spends per step beyond its layers: masks, rope tables,
+        unpacking and packing the messages)}."""
+        from ..runtime.planner import group_sizes
+
+        _, spans, _ = group_sizes(self.index, self.dtype)
+        model = self.arch.Model(self.args)
+        with RangeReader() as reader:
+            raw = read_raw([self.index.block(0)], reader)
+        block = model.new_block(0)
+        attach_weights(block, raw, "blk.0.", self.dtype, self.native, f"{self.ckpt.path}: layer 0")
+        ex = Executor(model, ResidentLayers(model, {0: block}), self.args.n_layers, self.args.sliding_window)
+        cache = KVCache(1, 1, self.args.n_kv_heads, self.args.head_dim, repeats * 2 + 8, self.dtype)
+        h = torch.randn(1, 1, self.args.dim).to(self.dtype) * 0.1
+        block_times, step_times = [], []
+        with torch.inference_mode():
+            for r in range(repeats + 2):
+                pos = torch.tensor([[2 * r]])
+                step = model.step_inputs(pos, None)
+                cache.begin_step(pos, True)
+                t0 = time.perf_counter()
+                block(h, step, cache.layer(0))
+                block_times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                m = P.Message(P.FORWARD, 1, 1, 1, 1, P.HAS_CACHE, dtype=P.DTYPE_CODES[h.dtype], width=h.shape[-1],
+                              tensors=[h, pos + 1])
+                parts = P.unpack(P.pack(m.tensors), P.forward_specs(m, h.shape[-1]))
+                out = ex.forward_layers(parts[0], parts[1], cache, 0, 1)
+                P.pack([out, pos])
+                step_times.append(time.perf_counter() - t0)
+
+        def median(xs):
+            xs = sorted(xs[2:])
+            return xs[len(xs) // 2]
+
+        secs = median(block_times)
+        return {"layer_seconds": secs, "layer_bytes": spans["blk.0"], "decode_bandwidth": spans["blk.0"] / secs,
+                "step_overhead": max(0.0, median(step_times) - secs)}
+
+
+class _row_exact:
+    """RowExact (runtime/batch_invariant.py) around a step whose coordinator ran it under one."""
+
+    def __init__(self, spans: torch.Tensor | None, window: int | None):
+        self.ctx = None
+        if spans is not None:
+            from ..runtime.batch_invariant import RowExact, RowSpan
+
+            self.ctx = RowExact([RowSpan(int(s), int(n)) for s, n in spans.tolist()], window)
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx is not None else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
