@@ -80,7 +80,7 @@ def build_model(arch: str, tiny, folder) -> PipelineModel:
     if arch == "sliding":  # mistral with a 6-token window: the lone run masks once the context passes it
         tf.MistralForCausalLM(tf.MistralConfig(**_common(sliding_window=6))).save_pretrained(folder / "hf")
         return PipelineModel.from_pretrained(folder / "hf")
-    if arch in ("q4_0", "q8_0"):  # packed int4/int8 kernels with bf16 activations, which switch at 16 rows
+    if arch in ("q4_0", "q8_0", "f16"):  # packed int4/int8 kernels, which switch at 16 rows; bf16 one-row GEMV
         from pipeload.convert import convert
 
         tf.LlamaForCausalLM(tf.LlamaConfig(**_common(hidden_size=128, intermediate_size=256))).save_pretrained(
@@ -92,7 +92,7 @@ def build_model(arch: str, tiny, folder) -> PipelineModel:
 
 @pytest.mark.parametrize("arch, n, max_batch, max_tokens", [("llama3", 10, 4, 20), ("gpt2", 10, 4, 20),
                                                             ("sliding", 10, 4, 20), ("q4_0", 20, 20, 60),
-                                                            ("q8_0", 20, 20, 60)])
+                                                            ("q8_0", 20, 20, 60), ("f16", 20, 20, 60)])
 def test_batched_tokens_and_logits_are_bit_identical_to_lone_runs(arch, n, max_batch, max_tokens, tiny, tmp_path,
                                                                     monkeypatch):
     model = build_model(arch, tiny, tmp_path)

@@ -193,10 +193,23 @@ def _plot_budget(png: Path, data: list[dict]) -> None:
     print(f"plot: {png}")
 
 
+def _does_not_fit(error: RuntimeError) -> str | None:
+    """The planner's one-line refusal inside a failed child's message, if that is why it failed."""
+    lines = [l for l in str(error).splitlines() if "MemoryBudgetError:" in l]
+    return lines[-1].split("MemoryBudgetError:", 1)[1].strip() if lines else None
+
+
 def part_batch(args, path: Path) -> dict:
     rows, data = [], []
     for batch in args.batches:
-        r = _measure(args, path, args.batch_budget, batch, args.tokens)
+        try:
+            r = _measure(args, path, args.batch_budget, batch, args.tokens)
+        except RuntimeError as e:  # a batch whose KV cache and activations do not fit: say so, go on
+            if (why := _does_not_fit(e)) is None:
+                raise
+            print(f"batch {batch}: {why}", flush=True)
+            rows.append([f"{args.batch_budget / GB:g} GB", batch, "does not fit: " + why] + [""] * 7)
+            continue
         data.append(r)
         rows.append(_row(f"{args.batch_budget / GB:g} GB", r))
         print(markdown_table(HEADERS, rows[-1:]), flush=True)
