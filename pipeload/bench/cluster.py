@@ -7,7 +7,8 @@ one thread is the baseline (one stream, and a batch of K sequences, which reads 
 for all of them). Printed: tokens/s, the speedup against the baseline, the ideal speedup
 (pipeline: min(S, K); tensor parallel: K), the efficiency, the planner's prediction (from the
 workers' calibration and the measured link latency) and its error, and the bytes and messages
-per token on every hop.
+per token on every hop. K independent one-thread processes decoding at the same time give this
+host's ceiling for K one-core nodes (they share its memory bandwidth): the "of host ceiling" column.
 
 `--netns` repeats the two-node runs across two network namespaces joined by a veth pair shaped
 to 1 Gbit/s with tc (needs root), and `--llama-rpc` runs llama.cpp's RPC backend on the same
@@ -214,22 +215,43 @@ def _median_run(fn: str, spec: dict, repeats: int, prefix=None) -> dict:
     return runs[len(runs) // 2]
 
 
+def host_ceiling(base: dict, k: int, repeats: int) -> dict:
+    """k independent one-thread processes decoding the whole model at the same time: what k
+    one-core "nodes" on this host can do together at most (they share its memory bandwidth, and
+    on a VM possibly its cores). Returns the median run's summed tokens/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = []
+    for _ in range(repeats):
+        with ThreadPoolExecutor(k) as pool:
+            outs = list(pool.map(lambda _: _run("child_single", {**base, "streams": 1}), range(k)))
+        runs.append({"tokens_per_second": sum(o["tokens_per_second"] for o in outs), "load": load_average(),
+                     "each": [o["tokens_per_second"] for o in outs]})
+    runs.sort(key=lambda r: r["tokens_per_second"])
+    return runs[len(runs) // 2]
+
+
 def scaling(a, model: Path) -> tuple[list[dict], str]:
     """The loopback runs and their table."""
     base = {"model": str(model), "tokens": a.tokens, "prompt": a.prompt}
     stages = [int(s) for s in a.stages.split(",")]
     one = _median_run("child_single", {**base, "streams": 1}, a.repeats)
     rows, results = [], []
-    singles = {1: one}
+    singles, ceilings = {1: one}, {1: one}
     for k in sorted(set(stages) | {1}):
         if k > 1:
             singles[k] = _median_run("child_single", {**base, "streams": k}, a.repeats)
-    rows.append(["1 process, 1 thread", 1, 1, one["tokens_per_second"], 1.0, 1, 1.0, "", "", "", f"{one['load']:.1f}"])
+            ceilings[k] = host_ceiling(base, k, a.repeats)
+    rows.append(["1 process, 1 thread", 1, 1, one["tokens_per_second"], 1.0, 1, 1.0, "", "", "", "",
+                 f"{one['load']:.1f}"])
     for k in sorted(singles):
         if k > 1:
-            r = singles[k]
+            r, c = singles[k], ceilings[k]
             rows.append([f"1 process, batch of {k}", 1, k, r["tokens_per_second"], r["tokens_per_second"] /
-                         one["tokens_per_second"], 1, "", "", "", "", f"{r['load']:.1f}"])
+                         one["tokens_per_second"], 1, "", "", "", "", "", f"{r['load']:.1f}"])
+            rows.append([f"{k} independent processes at once (host ceiling)", k, k, c["tokens_per_second"],
+                         c["tokens_per_second"] / one["tokens_per_second"], k, "", "", "", "", "",
+                         f"{c['load']:.1f}"])
     for mode in a.modes.split(","):
         for k in stages:
             if mode == "tensor" and k == 1:
@@ -240,12 +262,15 @@ def scaling(a, model: Path) -> tuple[list[dict], str]:
                 speedup = r["tokens_per_second"] / one["tokens_per_second"]
                 ideal = min(streams, k) if mode == "pipeline" else k
                 err = (r["predicted"] - r["tokens_per_second"]) / r["tokens_per_second"]
+                ceiling = ceilings[min(streams, k)]["tokens_per_second"] if mode == "pipeline" else \
+                    ceilings[k]["tokens_per_second"]
                 rows.append([mode, k, streams, r["tokens_per_second"], speedup, ideal, speedup / ideal,
-                             r["predicted"], f"{100 * err:+.0f}%", f"{r['link_latency'] * 1e6:.0f}", f"{r['load']:.1f}"])
-                results.append({"mode": mode, "nodes": k, "streams": streams, **r})
-    headers = ["configuration", "nodes", "streams", "tokens/s", "speedup", "ideal", "efficiency", "predicted tok/s",
-               "prediction error", "hop latency (us)", "load avg"]
-    return [{"single": singles}] + results, markdown_table(headers, rows)
+                             f"{r['tokens_per_second'] / ceiling:.0%}", r["predicted"], f"{100 * err:+.0f}%",
+                             f"{r['link_latency'] * 1e6:.0f}", f"{r['load']:.1f}"])
+                results.append({"mode": mode, "nodes": k, "streams": streams, "host_ceiling": ceiling, **r})
+    headers = ["configuration", "nodes", "streams", "tokens/s", "speedup", "ideal", "efficiency",
+               "of host ceiling", "predicted tok/s", "prediction error", "hop latency (us)", "load avg"]
+    return [{"single": singles, "host_ceiling": ceilings}] + results, markdown_table(headers, rows)
 
 
 def hop_table(results: list[dict]) -> str:

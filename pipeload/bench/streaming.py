@@ -261,8 +261,8 @@ import json, sys
 import pipeload
 from pipeload import PipelineModel
 from pipeload.runtime.memory import peak_rss, current_rss
-path, budget, cache, n_prompts, tokens, batch = sys.argv[1:7]
-m = PipelineModel.from_pretrained(path, memory_limit=int(budget), batch_size=int(batch), ctx=512, cache_dir=cache)
+path, budget, cache, n_prompts, tokens, batch, ctx = sys.argv[1:8]
+m = PipelineModel.from_pretrained(path, memory_limit=int(budget), batch_size=int(batch), ctx=int(ctx), cache_dir=cache)
 peaks, done = [], 0
 prompts = [[(31 * p + 7 * i) % 3000 + 5 for i in range(8 + p % 13)] for p in range(int(n_prompts))]
 for s in range(0, len(prompts), int(batch)):
@@ -274,7 +274,7 @@ for s in range(0, len(prompts), int(batch)):
 print(json.dumps({"completed": done, "peaks": peaks, "final_rss": current_rss()}))
 """
     r = run_child(code, path, args.batch_budget, Path(args.cache) / "native", args.soak_prompts, args.soak_tokens,
-                  args.soak_batch, timeout=4 * 3600)
+                  args.soak_batch, args.ctx, timeout=4 * 3600)
     peaks = r["peaks"]
     table = markdown_table(["prompts", "tokens each", "completed", "peak RSS after first batch GB", "peak RSS at end GB",
                             "budget GB"], [[args.soak_prompts, args.soak_tokens, r["completed"], f"{peaks[0] / GB:.3f}",

@@ -125,6 +125,12 @@ class Channel:
 
     def send(self, m: Message, dst: int) -> None:
         """Send m to rank dst and wait until it is delivered; raises RuntimeError if dst is gone."""
+        self.send_async(m, dst).wait()
+
+    def send_async(self, m: Message, dst: int) -> "Sending":
+        """Start sending m to rank dst; `.wait()` on the result returns once it is delivered (gloo
+        hands a message over only when the receiver has posted its receive) and raises
+        RuntimeError if dst is gone. The sender may compute the next message meanwhile."""
         payload = pack(m.tensors)
         n = payload.numel()
         slot = self._slot(dst)
@@ -133,13 +139,14 @@ class Channel:
         inline = n <= slot
         if inline:
             first[HEADER_LEN * 8:HEADER_LEN * 8 + n] = payload
-        self.pg.send([first], dst, TAG).wait()
+        works = [self.pg.send([first], dst, TAG)]
         self.bytes_sent += first.numel()
         self.messages_sent += 1
         if not inline:
-            self.pg.send([payload], dst, TAG).wait()
+            works.append(self.pg.send([payload], dst, TAG))
             self.bytes_sent += n
             self.messages_sent += 1
+        return Sending(works, (first, payload))
 
     def _slot(self, peer: int) -> int:
         return SMALL_SLOT if peer == 0 or self.pg.rank() == 0 else self.hidden_slot
@@ -156,6 +163,18 @@ class Channel:
         payload = torch.empty(nbytes, dtype=torch.uint8)
         self.pg.recv([payload], src, TAG).wait()
         return m, payload
+
+
+class Sending:
+    """Sends in flight; keeps their buffers alive until `wait()` has returned."""
+
+    def __init__(self, works: list, buffers: tuple):
+        self.works, self.buffers = works, buffers
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+        self.works, self.buffers = [], ()
 
 
 SMALL_SLOT = 256  # a decode step's tokens and positions for a few sequences

@@ -198,12 +198,17 @@ class Worker:
             self.stop.set()
 
     def _data(self) -> None:
+        # The output of a step is handed over while the next step computes: gloo delivers a send
+        # only once the next rank has posted its receive, and waiting for that here would keep
+        # this stage idle while the next one is busy (one pipeline stage at work at a time).
+        sending = None
         while not self.stop.is_set():
             src = self.prev
             t0 = time.perf_counter()
             try:
                 m, payload = self.channel.recv(src)
             except RuntimeError as e:  # the previous rank died (connection closed) or timed out
+                sending = self._finish_send(sending)
                 self._fail(f"lost rank {src}", e)
                 if self.prev == src:   # wait for a plan that routes around it
                     self._wait_epoch_change()
@@ -217,14 +222,25 @@ class Worker:
                 out = self._handle(m, payload)
             t2 = time.perf_counter()
             if out is not None:
+                sending = self._finish_send(sending)  # one output in flight at a time, in order
                 try:
-                    self.channel.send(out, self.next)
+                    sending = self.channel.send_async(out, self.next)
                 except RuntimeError as e:
                     self._fail(f"lost rank {self.next}", e)
             t = self.times  # seconds waiting for input, computing, waiting for the next rank to take the output
             t[0], t[1], t[2] = t[0] + t1 - t0, t[1] + t2 - t1, t[2] + time.perf_counter() - t2
             if m.op == P.STOP:
+                self._finish_send(sending)
                 return
+
+    def _finish_send(self, sending) -> None:
+        """Wait until the output in flight is delivered (reporting a lost next rank); returns None."""
+        if sending is not None:
+            try:
+                sending.wait()
+            except RuntimeError as e:
+                self._fail(f"lost rank {self.next}", e)
+        return None
 
     def _wait_epoch_change(self) -> None:
         epoch = self.epoch
