@@ -53,6 +53,6 @@ def connect(model, n: int, parallel: str = "pipeline", port: int | None = None, 
     from pipeload.api import _load_tokenizer
     from pipeload.cluster.launch import connect_cluster
 
-    engine = connect_cluster(model, f"127.0.0.1:{port}", n, parallel, join_timeout=join_timeout, step_timeout=30.0,
-                             load_timeout=60.0, **kw)
+    kw = {"step_timeout": 30.0, "load_timeout": 60.0, **kw}
+    engine = connect_cluster(model, f"127.0.0.1:{port}", n, parallel, join_timeout=join_timeout, **kw)
     return PipelineModel(engine, _load_tokenizer(engine), {"cluster": port})

@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from cluster_helpers import connect, free_port, start_worker, workers
 from pipeload.bench.synth import LlamaShape, write_synthetic_gguf
@@ -82,3 +83,18 @@ def test_refused_workers(two_models):
     assert code == 2 and "version mismatch" in err and "0.0.0-old" in err, err
     code, err = _finish(other)
     assert code == 2 and "model mismatch" in err, err
+
+
+def test_idle_longer_than_the_step_timeout_is_not_a_failure(two_models):
+    """A cluster that waits for its next request longer than a step may take (a server between
+    clients) answers it without a re-plan: idle receives do not time out, steps still do."""
+    port = free_port()
+    with workers(f"127.0.0.1:{port}", two_models[0], 2):
+        m = connect(two_models[0], 2, port=port, step_timeout=2.0)
+        try:
+            first = m.logits([1, 2, 3])
+            time.sleep(3.5)
+            assert torch.equal(m.logits([1, 2, 3]), first)
+            assert m.engine.recoveries == []
+        finally:
+            m.close()

@@ -143,7 +143,7 @@ class Coordinator:
         ready = wait_all(self, [f"ready/{epoch}/{i}" for i in ids], ids, load_timeout, "load its layers")
         if self.world is None:
             self.world = dist.ProcessGroupGloo(dist.PrefixStore("world/", self.store), 0, plan["world_size"],
-                                               timedelta(seconds=self.step_timeout))
+                                               timedelta(seconds=P.IDLE_TIMEOUT_SECONDS))
             self.channel = P.Channel(self.world, plan["slot_bytes"])
             self.link_latency = self._ping(plan["world_size"])
         started = wait_all(self, [f"started/{epoch}/{i}" for i in ids], ids, load_timeout, "start")

@@ -177,6 +177,12 @@ class Sending:
         self.works, self.buffers = [], ()
 
 
+# The point-to-point group's timeout. A stage (and the coordinator's receiver) waits for the next
+# step for as long as the cluster sits idle, so its receives must not time out like a step does:
+# a dead peer closes its connections (noticed at once) and stops beating (noticed by the monitor),
+# and a step that takes too long is caught by the coordinator's own `step_timeout`.
+IDLE_TIMEOUT_SECONDS = 7 * 24 * 3600
+
 SMALL_SLOT = 256  # a decode step's tokens and positions for a few sequences
 
 

@@ -150,7 +150,7 @@ class Worker:
         with self.lock:
             if self.world is None:
                 self.world = dist.ProcessGroupGloo(dist.PrefixStore("world/", self.store), self.rank,
-                                                   plan["world_size"], timedelta(seconds=self.timeout))
+                                                   plan["world_size"], timedelta(seconds=P.IDLE_TIMEOUT_SECONDS))
                 self.channel = P.Channel(self.world, plan["slot_bytes"])
                 self._pong()
             started = {}
