@@ -139,9 +139,18 @@ class _PackedLinear(nn.Module):
 
     def prefill_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (M, K) @ W^T for many rows: the weight unpacked to bf16, UNPACK_ROWS rows at a time."""
+        if _c_kernels():
+            return self._in_row_blocks(x2, self.scratch_product)
+        return self._in_row_blocks(x2, lambda x, r0, r1: F.linear(x, self.dequantized(r0, r1)))
+
+    def scratch_product(self, x2: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """x2 @ (rows r0..r1 of W)^T with the rows unpacked by the compiled kernels into scratch."""
+        raise NotImplementedError
+
+    def _in_row_blocks(self, x2: torch.Tensor, product) -> torch.Tensor:
         n = self.out_features
-        return torch.cat([F.linear(x2, self.dequantized(r, min(n, r + UNPACK_ROWS)))
-                          for r in range(0, n, UNPACK_ROWS)], dim=-1)  # (M, N)
+        out = [product(x2, r0, min(n, r0 + UNPACK_ROWS)) for r0 in range(0, n, UNPACK_ROWS)]  # (M, rows) each
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)  # (M, N)
 
     def prefill_rows(self) -> int:
         """Token rows from which the product unpacks the weight and uses the GEMM."""
@@ -197,15 +206,8 @@ class Int4Linear(_PackedLinear):
         return ckernels.unpack_int4_t_bf16(self.qweight[r0:r1], self.scales_zeros[:, r0:r1], r1 - r0,
                                            self.in_features, self.group_size, out=out)
 
-    def prefill_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        if not _c_kernels():
-            return super().prefill_mm(x2)
-        n, k = self.out_features, self.in_features
-        out = []
-        for r0 in range(0, n, UNPACK_ROWS):
-            r1 = min(n, r0 + UNPACK_ROWS)
-            out.append(x2 @ self._unpacked_t(r0, r1, _scratch(k, r1 - r0)))  # (M, rows)
-        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+    def scratch_product(self, x2: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        return x2 @ self._unpacked_t(r0, r1, _scratch(self.in_features, r1 - r0))
 
     def packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
         if self.group_size == 32 and _c_decode():
@@ -234,18 +236,11 @@ class Int8Linear(_PackedLinear):
             return ckernels.int8_to_bf16(self.qweight[r0:r1], self.scales[r0:r1])
         return self.qweight[r0:r1].to(torch.bfloat16) * self.scales[r0:r1, None]
 
-    def prefill_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        if not _c_kernels():
-            return super().prefill_mm(x2)
+    def scratch_product(self, x2: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         from . import ckernels
 
-        n, k = self.out_features, self.in_features
-        out = []
-        for r0 in range(0, n, UNPACK_ROWS):
-            r1 = min(n, r0 + UNPACK_ROWS)
-            w = ckernels.int8_to_bf16(self.qweight[r0:r1], self.scales[r0:r1], _scratch(r1 - r0, k))
-            out.append(F.linear(x2, w))  # (M, rows)
-        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+        w = ckernels.int8_to_bf16(self.qweight[r0:r1], self.scales[r0:r1], _scratch(r1 - r0, self.in_features))
+        return F.linear(x2, w)
 
     def packed_mm(self, x2: torch.Tensor) -> torch.Tensor:
         if self.in_features % 32 == 0 and _c_decode():
