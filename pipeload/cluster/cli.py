@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,8 +37,19 @@ def cmd_worker(a: argparse.Namespace) -> int:
     from ..runtime.memory import parse_size
     from .worker import run_worker
 
-    return run_worker(a.join, a.model, memory_limit=parse_size(a.memory_limit), dtype=DTYPES[a.dtype], name=a.name,
-                      join_timeout=a.join_timeout, threads=a.threads or torch.get_num_threads())
+    from ..errors import PipeloadError
+
+    try:
+        code = run_worker(a.join, a.model, memory_limit=parse_size(a.memory_limit), dtype=DTYPES[a.dtype],
+                          name=a.name, join_timeout=a.join_timeout, threads=a.threads or torch.get_num_threads())
+    except (PipeloadError, ValueError, OSError) as e:
+        print(f"pipeload: error: {e}", file=sys.stderr)
+        code = 2
+    # Leave without running C++ destructors: the store's and gloo's threads may still be running,
+    # and tearing them down at exit can abort the process (SIGABRT) after the message was printed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_probe(a: argparse.Namespace) -> int:
