@@ -34,6 +34,7 @@ from .convert import QUANT_TYPES, RoundToNearest, convert, encode_tensor
 from .errors import UnsupportedModelError
 from .quant.gptq import GPTQ_TYPES, SPAN, HessianAccumulator, gptq_quantize, inverse_hessian_factor, output_error
 from .quant.mixes import tensor_type
+from .runtime.loader import put_tensor
 
 CALIBRATED = {"gptq4": "q4_k_m", "gptq4_0": "q4_0", "rtn4": "q4_k_m"}  # method -> mix its types follow
 METHODS = [*CALIBRATED, *QUANT_TYPES]
@@ -126,12 +127,7 @@ class GPTQEncoder:
             if local.startswith("rope_freqs"):
                 module.rope_freqs = value.float()
                 continue
-            owner_name, _, leaf = local.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            if leaf in owner._buffers:
-                owner._buffers[leaf] = value
-            else:
-                setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
+            put_tensor(module, local, value)
 
     def _encode_block(self, i: int, tensors, types) -> dict[str, np.ndarray]:
         prefix = f"blk.{i}."

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import KINDS, reference_logits
+from tiny_models import KINDS, build_k_quant_llama, reference_logits
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (optional, see README)")
 
@@ -28,18 +28,8 @@ def test_llama_cpp_reads_our_gguf(tiny, kind):
 @pytest.fixture(scope="module")
 def k_quant_llama(tmp_path_factory):
     """A tiny Llama whose rows are multiples of 256, so the K-quant mixes apply."""
-    import transformers as tf
-
     root = tmp_path_factory.mktemp("kq")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
-    model = tf.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(root / "hf")
+    build_k_quant_llama(root / "hf", weight_std=0.1)
     return root
 
 

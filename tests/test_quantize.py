@@ -7,6 +7,7 @@ from gguf import GGMLQuantizationType as T
 from pipeload.quant import dequantize, quantize
 from pipeload.quant.gptq import HessianAccumulator, gptq_quantize, output_error
 from pipeload.quant.mixes import tensor_type, use_more_bits
+from tiny_models import build_k_quant_llama
 
 
 def test_use_more_bits_matches_llama_cpp_layers():
@@ -81,13 +82,8 @@ def test_gptq_rejects_rows_the_type_cannot_hold():
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory):
     """A tiny Llama whose rows are multiples of 256 (so K-quants apply), as an HF folder."""
-    import transformers as tf
-
     root = tmp_path_factory.mktemp("small_llama")
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
-    tf.LlamaForCausalLM(cfg).save_pretrained(root / "hf")
+    build_k_quant_llama(root / "hf")
     return root
 
 

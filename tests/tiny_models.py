@@ -59,6 +59,23 @@ def build_hf_model(kind: str, folder: Path, seed: int = 0):
     return model
 
 
+def build_k_quant_llama(folder: Path, weight_std: float | None = None) -> None:
+    """Save a tiny untied Llama whose rows are multiples of 256 (so the K-quant types and mixes
+    apply) as an HF folder; `weight_std` redraws its matrices with that spread (None: init)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+    model = tf.LlamaForCausalLM(cfg)
+    if weight_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, weight_std)
+    model.save_pretrained(folder)
+
+
 def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """transformers' logits (B, T, V) for ids (B, T)."""
     with torch.no_grad():

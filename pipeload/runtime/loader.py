@@ -30,6 +30,17 @@ FLOAT_STORAGE = ("F32", "F16", "BF16", "F64")
 RawTensors = dict[str, tuple[TensorRef, torch.Tensor]]  # GGUF name -> (where it came from, its bytes)
 
 
+def put_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Attach `value` at the dotted `name` of `module`: into the buffer of that name if the owner
+    has one, else as a frozen Parameter."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
+
+
 def ggml_type(ref: TensorRef) -> GGMLQuantizationType:
     name = ref.info.dtype
     if name not in GGMLQuantizationType.__members__:
@@ -142,10 +153,4 @@ def attach_weights(module: nn.Module, raw: RawTensors, prefix: str, dtype: torch
         if name in replaced:
             continue
         keep = torch.float32 if name.startswith("rope_freqs") else dtype
-        t = decode_tensor(ref, data, keep)
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if leaf in owner._buffers:
-            owner._buffers[leaf] = t
-        else:
-            setattr(owner, leaf, nn.Parameter(t, requires_grad=False))
+        put_tensor(module, name, decode_tensor(ref, data, keep))
