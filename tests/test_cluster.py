@@ -157,3 +157,44 @@ def test_killed_worker_same_text(q4_model, parallel):
                   f"{rec['replayed_steps']} steps), {time.monotonic() - t_kill:.2f} s kill to end")
         finally:
             m.close()
+
+
+ALLREDUCE_RANK = """
+import sys, json, torch, torch.distributed as dist
+from datetime import timedelta
+from pipeload.cluster.shard import AllReduce
+rank, n, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+store = dist.TCPStore("127.0.0.1", port, n, rank == 0, timeout=timedelta(seconds=30))
+r = AllReduce(dist.ProcessGroupGloo(dist.PrefixStore("t", store), rank, n, timedelta(seconds=30)))
+g = torch.Generator().manual_seed(rank)
+small = torch.randn(1, 1, 64, generator=g).to(torch.bfloat16)   # a decode step: exchanged
+large = torch.randn(4, 64, 1024, generator=g)                    # a prompt pass: gloo's ring
+out = [r(small).float().flatten().tolist(), r(large).flatten()[:4096].tolist()]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_allreduce_every_rank_gets_the_same_sum(n):
+    """Both all-reduce paths (each rank sends its part to every other, or gloo's ring for large
+    tensors) give every rank the same bits, and the float32 sum of the parts."""
+    import json
+    import subprocess
+    import sys
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", ALLREDUCE_RANK, str(k), str(n), str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(n)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(o == outs[0] for o in outs[1:])  # bit-identical on every rank
+    parts = [torch.Generator().manual_seed(k) for k in range(n)]
+    small = [torch.randn(1, 1, 64, generator=g).to(torch.bfloat16) for g in parts]
+    large = [torch.randn(4, 64, 1024, generator=g) for g in parts]
+    want_small = sum(x.float() for x in small).to(torch.bfloat16).float().flatten()
+    assert torch.equal(torch.tensor(outs[0][0]), want_small)
+    want_large = sum(large).flatten()[:4096]
+    assert torch.allclose(torch.tensor(outs[0][1]), want_large, atol=1e-5)

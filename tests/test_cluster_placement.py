@@ -2,8 +2,10 @@
 
 import pytest
 
-from pipeload.cluster.placement import (LinkSpec, ModelCost, NodeSpec, place_pipeline, predict_tensor_parallel,
-                                        proportional_split, replan_without)
+from dataclasses import replace
+
+from pipeload.cluster.placement import (LinkSpec, ModelCost, NodeSpec, even_out_host_peers, place_pipeline,
+                                        predict_tensor_parallel, proportional_split, replan_without)
 
 GB = 10**9
 COST = ModelCost(layer_bytes=(100 << 20,) * 12, head_bytes=50 << 20, hidden_bytes=4096, logits_bytes=128000,
@@ -109,3 +111,24 @@ def test_stage_streams_layers_beyond_its_budget(tmp_path, monkeypatch):
     assert outs[0].op == outs[1].op == P.LOGITS
     assert torch.equal(outs[0].tensors[0], outs[1].tensors[0])
     part.streamed_layers.close()
+
+
+def test_host_peers_with_close_speeds_count_as_equal():
+    a, b, c = (replace(node(n, bw=bw), host=h) for n, bw, h in (("a", 1.0e9, "pi"), ("b", 1.15e9, "pi"), ("c", 2e9, "x")))
+    even = even_out_host_peers([a, b, c])
+    assert even[0].decode_bandwidth == even[1].decode_bandwidth == 1.15e9  # one host, within 20%: noise
+    assert even[2] == c
+    far = replace(b, decode_bandwidth=1.5e9)
+    assert even_out_host_peers([a, far]) == [a, far]                     # a real difference is kept
+    other = replace(b, host="other")
+    assert even_out_host_peers([a, other]) == [a, other]                 # other hosts are other machines
+
+
+def test_tensor_prediction_from_a_measured_layer_step():
+    nodes = [node("a"), node("b")]
+    slow = predict_tensor_parallel(nodes, COST, LINK, layer_seconds=0.05)
+    fast = predict_tensor_parallel(nodes, COST, LINK, layer_seconds=0.01)
+    # a step is the measured layer step per layer plus the head share and the hops
+    step = 1 / slow
+    assert 12 * 0.05 < step < 12 * 0.05 + 0.05
+    assert fast > 4 * slow

@@ -149,7 +149,7 @@ def sent_counters(engine) -> dict[str, tuple[int, int]]:
     for wid, h in coord.workers.items():
         key = f"sent/{wid}"
         if coord.monitor_store.check([key]):
-            b, n, ar_calls, ar_bytes = coord.monitor_store.get(key).decode().split()
+            b, n, ar_calls, ar_bytes = coord.monitor_store.get(key).decode().split()[:4]
             out[names.get(h["name"], h["name"])] = (int(b), int(n))
             if int(ar_calls):
                 out[names.get(h["name"], h["name"]) + " all-reduce"] = (int(ar_bytes), int(ar_calls))
@@ -176,7 +176,8 @@ def engine_predictions(engine, streams: int) -> float:
     coord = engine.coordinator
     planner = coord.plan_maker
     link = LinkSpec(latency=max(coord.link_latency, 1e-6), bandwidth=planner.link.bandwidth)
-    pred = planner.predictions(coord.plan["ranks"], link, [streams], coord.client_seconds, coord.allreduce_seconds)
+    pred = planner.predictions(coord.plan["ranks"], link, [streams], coord.client_seconds, coord.allreduce_seconds,
+                               coord.tp_layer_seconds)
     return pred[f"{coord.mode}_{streams}"]
 
 

@@ -117,6 +117,7 @@ class Coordinator:
         self.link_latency = 0.0
         self.client_seconds = 0.0
         self.allreduce_seconds: float | None = None  # measured by the tensor-parallel ranks
+        self.tp_layer_seconds: float | None = None   # one sharded layer's decode step, all ranks at once
 
     # -- routing ---------------------------------------------------------------------------------
 
@@ -149,6 +150,8 @@ class Coordinator:
         started = wait_all(self, [f"started/{epoch}/{i}" for i in ids], ids, load_timeout, "start")
         reduces = sorted(f["allreduce_seconds"] for f in started.values() if "allreduce_seconds" in f)
         self.allreduce_seconds = reduces[len(reduces) // 2] if reduces else None
+        layers = sorted(f["tp_layer_seconds"] for f in started.values() if f.get("tp_layer_seconds"))
+        self.tp_layer_seconds = layers[len(layers) // 2] if layers else None
         with self.state_lock:
             self.plan, self.epoch = plan, epoch
             self.failure = None

@@ -23,7 +23,7 @@ from ..runtime.kv_cache import KVCache
 from ..weights.checkpoint import Checkpoint, open_checkpoint
 from ..weights.index import WeightsIndex, build_index
 from .coordinator import Coordinator, RemoteCache
-from .placement import (LinkSpec, ModelCost, NodeSpec, Placement, host_limits, place_pipeline,
+from .placement import (LinkSpec, ModelCost, NodeSpec, Placement, even_out_host_peers, host_limits, place_pipeline,
                         predict_tensor_parallel, replan_without)
 from .rendezvous import (ClusterError, check_hello, fingerprint, get_json, host_store, join_store, parse_address,
                          set_json)
@@ -225,7 +225,7 @@ class _Planner:
                 "batch": self.batch, "step_timeout": self.step_timeout, "summary": summary, **extra}
 
     def predictions(self, ids: list[int], link: LinkSpec, streams: list[int], client: float = 0.0,
-                    allreduce: float | None = None) -> dict:
+                    allreduce: float | None = None, tp_layer: float | None = None) -> dict:
         """Predicted decode tokens/s for each stream count, pipeline and tensor parallel."""
         nodes = [self.nodes[i] for i in ids]
         out = {}
@@ -234,7 +234,7 @@ class _Planner:
         limits = host_limits(placement, nodes)
         for k in streams:
             out[f"pipeline_{k}"] = placement.tokens_per_second(k, limits)
-            out[f"tensor_{k}"] = predict_tensor_parallel(nodes, self.cost, link, k, client, allreduce)
+            out[f"tensor_{k}"] = predict_tensor_parallel(nodes, self.cost, link, k, client, allreduce, tp_layer)
         return out
 
 
@@ -262,7 +262,7 @@ def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "p
     hellos = _accept_workers(store, workers, fp, join_timeout, step_timeout)
     ids = sorted(hellos)
     rank_of = {wid: r + 1 for r, wid in enumerate(ids)}
-    nodes = {wid: node_spec(wid, h) for wid, h in hellos.items()}
+    nodes = dict(zip(ids, even_out_host_peers([node_spec(wid, hellos[wid]) for wid in ids])))
     cost = model_cost(index, args, dtype)
     link = link or LinkSpec()
     planner = _Planner(mode, args, index, native, cost, nodes, link, context, batch, step_timeout, len(ids) + 1,
@@ -277,8 +277,9 @@ def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "p
     summary = {"mode": mode, "workers": {wid: h["name"] for wid, h in hellos.items()},
                "plan": coord.plan["summary"], "link_latency": coord.link_latency,
                "client_seconds": coord.client_seconds, "allreduce_seconds": coord.allreduce_seconds,
+               "tp_layer_seconds": coord.tp_layer_seconds,
                "predicted": planner.predictions(ids, measured, sorted({1, len(ids)}), coord.client_seconds,
-                                                coord.allreduce_seconds),
+                                                coord.allreduce_seconds, coord.tp_layer_seconds),
                "calibration": {h["name"]: {k: h[k] for k in ("layer_seconds", "step_overhead")}
                                for h in hellos.values()}}
     executor = ClusterExecutor(coord, args.n_layers)

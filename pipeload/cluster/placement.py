@@ -265,23 +265,49 @@ def proportional_split(units: int, weights: list[float], minimum: int = 1) -> li
 
 
 def predict_tensor_parallel(nodes: list[NodeSpec], cost: ModelCost, link: LinkSpec, streams: int = 1,
-                            client_seconds: float = 0.0, allreduce_seconds: float | None = None) -> float:
+                            client_seconds: float = 0.0, allreduce_seconds: float | None = None,
+                            layer_seconds: float | None = None) -> float:
     """Predicted decode tokens/s of tensor parallelism over `nodes`: every rank reads its share of
     each layer (in proportion to its speed), then two all-reduces per layer; a step occupies all
-    ranks, so streams overlap only the coordinator's own work. `allreduce_seconds`: measured, else
-    a ring's 2(N-1) latency-bound rounds."""
+    ranks, so streams overlap only the coordinator's own work. `layer_seconds`: one sharded layer's
+    step measured on the live ranks (compute and both all-reduces, all ranks at once), else
+    compute from the node speeds plus `allreduce_seconds` (measured, else a ring's 2(N-1)
+    latency-bound rounds) twice per layer."""
     speed = sum(n.decode_bandwidth for n in nodes)
-    total = sum(cost.layer_bytes) + cost.head_bytes
-    compute = (total / speed + max(n.layer_overhead for n in nodes) * (cost.n_layers + 1)
-               + max(n.step_overhead for n in nodes))
+    overhead = max(n.step_overhead for n in nodes)
     N = len(nodes)
-    if allreduce_seconds is None:
-        allreduce_seconds = 0.0 if N == 1 else (2 * (N - 1) * link.latency
-                                                + 2 * (N - 1) / N * cost.hidden_bytes * 2 / link.bandwidth)
-    step = (compute + 2 * cost.n_layers * allreduce_seconds + hop_seconds(cost, link)
+    if layer_seconds is not None:
+        layers = layer_seconds * cost.n_layers + cost.head_bytes / speed + max(n.layer_overhead for n in nodes)
+    else:
+        if allreduce_seconds is None:
+            allreduce_seconds = 0.0 if N == 1 else (2 * (N - 1) * link.latency
+                                                    + 2 * (N - 1) / N * cost.hidden_bytes * 2 / link.bandwidth)
+        total = sum(cost.layer_bytes) + cost.head_bytes
+        layers = (total / speed + max(n.layer_overhead for n in nodes) * (cost.n_layers + 1)
+                  + 2 * cost.n_layers * allreduce_seconds)
+    step = (layers + overhead + hop_seconds(cost, link)
             + 2 * link.latency + cost.logits_bytes / N / link.bandwidth)
     rate = min(streams / (step + client_seconds), 1.0 / step)
     return min(rate, 1.0 / client_seconds) if client_seconds else rate
+
+
+def even_out_host_peers(nodes: list[NodeSpec], tolerance: float = 0.2) -> list[NodeSpec]:
+    """Nodes of one host whose measured speeds differ by less than `tolerance` get their median
+    speed: the same cores measured at slightly different moments differ by noise (workers that
+    calibrate at once disturb each other), and splitting layers or heads on noise makes the
+    slower-measured node the one with more to do."""
+    out = list(nodes)
+    hosts: dict[str, list[int]] = {}
+    for k, n in enumerate(nodes):
+        if n.host:
+            hosts.setdefault(n.host, []).append(k)
+    for members in hosts.values():
+        speeds = sorted(nodes[k].decode_bandwidth for k in members)
+        if len(members) > 1 and speeds[-1] <= (1 + tolerance) * speeds[0]:
+            median = speeds[len(speeds) // 2]
+            for k in members:
+                out[k] = replace(nodes[k], decode_bandwidth=median)
+    return out
 
 
 def with_memory(node: NodeSpec, memory_bytes: int) -> NodeSpec:

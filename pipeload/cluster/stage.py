@@ -117,6 +117,7 @@ class StageModel:
         for name, module in built.items():
             _set_module(block, name, module)
         attach_weights(block, raw, f"blk.{i}.", self.dtype, self.native, where)
+        block.fuse()
         return ShardBlock(block, shard, self.args, self.reduce)
 
     def assign(self, a: Assignment, context: int, batch: int) -> dict:
@@ -241,6 +242,32 @@ class StageModel:
             self.caches[m.cache].reorder(index.clone())
         elif m.op == P.MOVE_ROW:
             self.caches[m.cache].move_row(m.aux, m.width, m.row_stop)
+
+    def time_shard_layer(self, repeats: int = 24) -> float | None:
+        """Median seconds of one decode step through one of this rank's tensor-parallel layers,
+        its two all-reduces included. Every rank runs it at the same moment (the all-reduces keep
+        them in step), so it measures what a step pays on these nodes and this link when all ranks
+        work at once. None when no layer is held resident."""
+        held = sorted(self.blocks)
+        if not held or self.assignment is None or self.assignment.shard is None:
+            return None
+        block, spec = self.blocks[held[0]], self.assignment.shard
+        cache = KVCache(1, 1, spec.kv[1] - spec.kv[0], self.args.head_dim, repeats + 4, self.dtype)
+        h = torch.full((1, 1, self.args.dim), 0.01, dtype=self.dtype)
+        r = self.reduce
+        counters = r.calls, r.bytes, r.seconds
+        times = []
+        with torch.inference_mode():
+            for k in range(repeats + 2):
+                pos = torch.tensor([[k]])
+                cache.begin_step(pos, True)
+                step = self.executor.model.step_inputs(pos, None)
+                t0 = time.perf_counter()
+                block(h, step, cache.layer(0))
+                times.append(time.perf_counter() - t0)
+        r.calls, r.bytes, r.seconds = counters  # the counters are the steps' alone
+        times = sorted(times[2:])
+        return times[len(times) // 2]
 
     def calibrate(self, repeats: int = 16) -> dict:
         """This node's speed on the model, timed on a real layer (layer 0, loaded for the purpose)

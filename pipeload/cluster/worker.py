@@ -109,7 +109,7 @@ class Worker:
                 if self.channel is not None:  # what this worker sent, for `pipeload bench cluster`
                     r = self.stage.reduce
                     store.set(f"sent/{self.id}", f"{self.channel.bytes_sent} {self.channel.messages_sent} "
-                                                 f"{r.calls} {r.bytes}")
+                                                 f"{r.calls} {r.bytes} {r.seconds:.6f}")
                     store.set(f"times/{self.id}", " ".join(f"{x:.6f}" for x in self.times))
                 if store.check(["shutdown"]):
                     self.stop.set()
@@ -160,6 +160,7 @@ class Worker:
                     dist.PrefixStore(f"tp/{epoch}/", self.store), tp.index(self.rank), len(tp),
                     timedelta(seconds=self.timeout))
                 started["allreduce_seconds"] = self._time_allreduce()
+                started["tp_layer_seconds"] = self.stage.time_shard_layer()
             self.epoch = epoch
         if part is not None and (self.data_thread is None or not self.data_thread.is_alive()):
             self.data_thread = threading.Thread(target=self._data, name="pipeload-data", daemon=True)
@@ -169,11 +170,13 @@ class Worker:
     def _time_allreduce(self, repeats: int = 9) -> float:
         """Median seconds of one all-reduce of a token's hidden state in the tensor-parallel group."""
         x = torch.zeros(1, 1, self.stage.args.dim)
-        times = []
+        reduce, times = self.stage.reduce, []
+        counters = reduce.calls, reduce.bytes, reduce.seconds
         for _ in range(repeats):
             t0 = time.perf_counter()
-            self.stage.reduce.group.allreduce([x]).wait()
+            reduce(x)
             times.append(time.perf_counter() - t0)
+        reduce.calls, reduce.bytes, reduce.seconds = counters  # the counters are the steps' alone
         return sorted(times)[repeats // 2]
 
     def _pong(self) -> None:

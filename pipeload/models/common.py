@@ -157,10 +157,15 @@ class StepInputs:
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV | None,
-                     step: StepInputs, scale: float | None = None) -> torch.Tensor:
-    """Attention of q (B, H, T, hd) over cached plus new k, v (B, Hkv, T, hd) -> (B, T, H*hd)."""
+                     step: StepInputs, scale: float | None = None,
+                     kv_of_head: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q (B, H, T, hd) over cached plus new k, v (B, Hkv, T, hd) -> (B, T, H*hd).
+    kv_of_head (H,): the key/value head of each query head, where heads do not group evenly (a
+    tensor-parallel shard's slice of grouped-query heads)."""
     if kv is not None:
         k, v = kv.update(k, v)  # (B, Hkv, S, hd)
+    if kv_of_head is not None:
+        k, v = k.index_select(1, kv_of_head), v.index_select(1, kv_of_head)  # (B, H, S, hd)
     gqa = q.shape[1] != k.shape[1]
     if q.shape[0] == 1 and q.shape[2] == 1 and step.mask is None:  # one sequence, one new token
         return one_token_attention(q, k, v, scale)

@@ -152,14 +152,15 @@ class Block(nn.Module):
             k = self.attn_k(x).view(B, T, a.n_kv_heads, a.head_dim)
         return q, k, self.attn_v(x).view(B, T, a.n_kv_heads, a.head_dim)
 
-    def attention(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None,
+                  kv_of_head: torch.Tensor | None = None) -> torch.Tensor:
         a = self.args
         q, k, v = self._qkv(x)  # (B, T, heads, hd)
         cos, sin = step.cos.transpose(1, 2), step.sin.transpose(1, 2)  # (B, T, 1, rot/2)
         cis = step.cis.transpose(1, 2) if step.cis is not None else None
         q = apply_rope(q, cos, sin, a.rope.style, cis).transpose(1, 2)  # (B, H, T, hd)
         k = apply_rope(k, cos, sin, a.rope.style, cis).transpose(1, 2)  # (B, Hkv, T, hd)
-        return self.attn_output(cached_attention(q, k, v.transpose(1, 2), kv, step))  # (B, T, D)
+        return self.attn_output(cached_attention(q, k, v.transpose(1, 2), kv, step, kv_of_head=kv_of_head))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ffn_gate_up is not None:
