@@ -111,7 +111,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         total_memory=parse_size(a.total_memory), max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.ctx_size,
         exact=not a.fast_batching, dtype=a.dtype, threads=a.threads, preload=a.preload,
         drain_timeout=a.drain_timeout, log_level=a.log_level,
-        cluster={"address": a.cluster, "workers": a.workers, "parallel": a.parallel} if a.cluster else None))
+        cluster={"address": a.cluster, "workers": a.workers, "parallel": a.parallel} if a.cluster else None,
+        lanes=a.lanes))
 
 
 def _add_serve_parser(sub) -> None:
@@ -126,6 +127,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--total-memory", default=None,
                    help="budget for all workers together; least recently used idle models are unloaded to fit")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
+    p.add_argument("--lanes", type=int, default=None,
+                   help="batches in flight at once per model, each with its own share of --max-batch (default: "
+                        "the number of pipeline stages on a cluster, else 1)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot per model; beyond it: 429 (default 64)")
     p.add_argument("--ctx-size", type=int, default=None, help="context per sequence (default: the model's)")

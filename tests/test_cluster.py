@@ -198,3 +198,32 @@ def test_allreduce_every_rank_gets_the_same_sum(n):
     assert torch.equal(torch.tensor(outs[0][0]), want_small)
     want_large = sum(large).flatten()[:4096]
     assert torch.allclose(torch.tensor(outs[0][1]), want_large, atol=1e-5)
+
+
+def test_server_keeps_one_micro_batch_per_stage_in_flight(tmp_path):
+    """`pipeload serve --cluster` over a 2-stage pipeline runs 2 lanes (schedulers with their own
+    KV cache), so both stages work at once; concurrent requests get a lone request's logprobs."""
+    import asyncio
+
+    import openai
+
+    from server_helpers import ServerProcess
+    from test_server_concurrency import lone, model_path, streamed
+
+    model, port = model_path(), free_port()
+    with workers(f"127.0.0.1:{port}", model, 2):
+        with ServerProcess(f"m={model}", "--cluster", f"127.0.0.1:{port}", "--workers", "2", "--max-batch", "4",
+                           "--preload", startup_timeout=120, log=tmp_path / "server.log") as server:
+            assert server.model("m")["lanes"] == 2 and server.model("m")["max_batch"] == 4
+
+            async def run():
+                async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                              timeout=120) as client:
+                    alone = [await lone(client, i) for i in range(4)]
+                    together = await asyncio.gather(*(streamed(client, i) for i in range(4)))
+                    return alone, together
+
+            alone, together = asyncio.run(run())
+            assert server.model("m")["finished"] == 8
+    for i, ((text, entries, reason), (s_text, s_entries, s_reason)) in enumerate(zip(alone, together)):
+        assert (s_text, s_entries, s_reason) == (text, entries, reason), i

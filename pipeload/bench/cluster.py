@@ -140,6 +140,81 @@ def child_cluster(spec: dict) -> dict:
                 p.kill()
 
 
+def child_served(spec: dict) -> dict:
+    """`pipeload serve` on the model (on a pipeline cluster of `nodes` workers when nodes > 0) with
+    `lanes` batches in flight; `streams` concurrent completions of `tokens` tokens each (after a
+    warm-up request). Returns the tokens/s of all of them together."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    procs, cluster_args = [], []
+    if spec["nodes"]:
+        address = f"127.0.0.1:{free_port()}"
+        for k in range(spec["nodes"]):
+            procs.append(subprocess.Popen([sys.executable, "-m", "pipeload.cli", "worker", "--join", address, "--model",
+                                           spec["model"], "--threads", "1", "--name", f"w{k + 1}", "--join-timeout",
+                                           "120"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        cluster_args = ["--cluster", address, "--workers", str(spec["nodes"])]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pipeload.cli", "serve", f"m={spec['model']}", "--port", str(port),
+                               "--threads", "1", "--max-batch", str(spec["streams"]), "--lanes", str(spec["lanes"]),
+                               "--preload", "--log-level", "warning", *cluster_args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).json()["models"]["m"]["state"] == "loaded":
+                    break
+            except (httpx.TransportError, KeyError, ValueError):
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the server did not load the model")
+            time.sleep(0.2)
+
+        def complete(s: int, n: int) -> int:
+            body = {"model": "m", "prompt": [(7 * s + k) % 1000 + 1 for k in range(spec["prompt"])], "max_tokens": n,
+                    "temperature": 0, "ignore_eos": True}
+            r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"]
+
+        complete(0, 4)  # warm up
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(spec["streams"]) as pool:
+            made = sum(pool.map(lambda s: complete(s, spec["tokens"]), range(spec["streams"])))
+        seconds = time.perf_counter() - t0
+        return {"tokens_per_second": made / seconds, "tokens": made, "load": load_average()}
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def served(a, model: Path) -> tuple[list[dict], str]:
+    """Requests through `pipeload serve`: one process, and a 2-stage pipeline with 1 and 2 lanes
+    (batches in flight). Tokens/s include prompt passes and HTTP."""
+    streams = 4
+    base = {"model": str(model), "tokens": a.tokens, "prompt": a.prompt, "streams": streams}
+    rows, results = [], []
+    for label, nodes, lanes in (("1 process", 0, 1), ("pipeline, 2 stages, 1 lane", 2, 1),
+                                ("pipeline, 2 stages, 2 lanes (default)", 2, 2)):
+        r = _median_run("child_served", {**base, "nodes": nodes, "lanes": lanes}, a.repeats)
+        results.append({"configuration": label, "nodes": nodes, "lanes": lanes, **r})
+        rows.append([label, streams, r["tokens_per_second"], r["tokens_per_second"] / results[0]["tokens_per_second"],
+                     f"{r['load']:.1f}"])
+    return results, markdown_table(["server", "concurrent requests", "tokens/s", "vs 1 process", "load avg"], rows)
+
+
 def sent_counters(engine) -> dict[str, tuple[int, int]]:
     """(bytes, messages) each sender has put on the wire so far: the coordinator and every worker."""
     coord = engine.coordinator
@@ -297,6 +372,11 @@ def run(a) -> int:
     print("\n## Bytes and messages per token per hop (loopback)\n")
     print(hop_table(results[1:]))
     report = {"model": str(model), "scaling": results, "scaling_table": table}
+    served_results, served_table = served(a, model)
+    print("\n## Through `pipeload serve` (4 concurrent requests, 1 thread per process)\n")
+    print(served_table)
+    report["served"] = served_results
+    table += "\n\n## Through `pipeload serve`\n\n" + served_table
     if a.netns or a.llama_rpc:
         from .cluster_net import shaped_and_rpc
 

@@ -128,6 +128,14 @@ class ClusterEngine:
         return self.context or self.args.context_length
 
     @property
+    def pipeline_depth(self) -> int:
+        """Steps that can usefully be in flight at once: the number of pipeline stages (1 in
+        tensor parallel, where every step occupies every rank). The server keeps this many
+        micro-batches going."""
+        plan = self.coordinator.plan
+        return len(plan.get("order", ())) if self.coordinator.mode == "pipeline" else 1
+
+    @property
     def stream_stats(self):
         return None
 

@@ -271,4 +271,5 @@ class WorkerHandle:
                 "finished": s.get("finished", 0), "cancelled": s.get("cancelled", 0),
                 "last_error": self.last_error, "context_length": self.info.get("context_length"),
                 "max_batch": self.info.get("max_batch", self.options.get("max_batch")),
+                "lanes": self.info.get("lanes", 1),
                 "last_used": self.last_used or None}

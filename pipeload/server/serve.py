@@ -39,6 +39,7 @@ class ServeConfig:
     drain_timeout: float = 300.0
     log_level: str = "info"
     cluster: dict | None = None       # {"address", "workers", "parallel"}: the model runs on a cluster
+    lanes: int | None = None          # batches in flight per model (None: pipeline stages, else 1)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -68,9 +69,11 @@ def build_registry(cfg: ServeConfig) -> Registry:
     models = cfg.models or [f"pipeload-main={builtin_model_path()}"]
     if cfg.max_batch < 1 or cfg.max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {cfg.max_batch}, {cfg.max_queue})")
+    if cfg.lanes is not None and not 1 <= cfg.lanes <= cfg.max_batch:
+        raise ValueError(f"--lanes must be between 1 and --max-batch ({cfg.max_batch}), got {cfg.lanes}")
     specs = parse_model_specs(models, cfg.memory_limit)
     options = {"max_batch": cfg.max_batch, "max_len": cfg.max_len, "exact": cfg.exact, "dtype": cfg.dtype,
-               "threads": cfg.threads, "cluster": cfg.cluster}
+               "threads": cfg.threads, "cluster": cfg.cluster, "lanes": cfg.lanes}
     return Registry(specs, options, total_memory=cfg.total_memory, max_queue=cfg.max_queue)
 
 

@@ -17,8 +17,10 @@ the server's end of the pipe closes.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import sys
+import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -29,62 +31,147 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return {"status": status, "message": message, "param": param, "code": code}
 
 
+class Lane:
+    """One scheduler (its own KV cache and batch) driven by its own thread. A model on a
+    pipeline cluster gets one lane per stage, so that as many micro-batches are in flight as
+    there are stages and every stage works at once; other models get one lane."""
+
+    def __init__(self, worker: "Worker", scheduler, index: int):
+        self.worker, self.scheduler = worker, scheduler
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.load = 0  # requests given to this lane and not yet finished (under worker.lock)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"pipeload-lane-{index}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001  (handed to the main thread, which ends the worker)
+            self.error = e
+
+    def _loop(self) -> None:
+        s = self.scheduler
+        while True:
+            handled = False
+            try:
+                msg = self.inbox.get(block=not s.busy)
+                while True:
+                    if msg[0] == "stop":
+                        return
+                    self._apply(msg)
+                    handled = True
+                    msg = self.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            if handled:
+                self.worker.send(("stats", self.worker.stats()))
+            if s.busy:
+                events = s.step()
+                self.worker.finished(self, [e.request_id for e in events if e.finish_reason is not None])
+                self.worker.send(("events", [self.worker.encode(e) for e in events], self.worker.stats()))
+
+    def _apply(self, msg: tuple) -> None:
+        if msg[0] == "submit":
+            _, rid, req, kind = msg
+            try:
+                self.scheduler.submit(req)
+            except ContextLengthError as e:
+                self.worker.finished(self, [rid])
+                self.worker.send(("rejected", rid, _error(400, str(e), "messages" if kind == "chat" else "prompt",
+                                                          "context_length_exceeded")))
+            except (PipeloadError, ValueError, TypeError) as e:
+                self.worker.finished(self, [rid])
+                self.worker.send(("rejected", rid, _error(400, str(e))))
+            else:
+                self.worker.send(("accepted", rid, {"prompt_tokens": len(req.prompt)}))
+        elif msg[0] == "cancel":
+            if self.scheduler.cancel(msg[1]):
+                self.worker.finished(self, [msg[1]])
+
+
 class Worker:
-    """Serves one loaded model: turns submit payloads into scheduler Requests and events into messages."""
+    """Serves one loaded model: turns submit payloads into scheduler Requests (on the least loaded
+    lane) and the lanes' events into messages."""
 
     def __init__(self, conn: Connection, model, options: dict[str, Any]):
         from ..runtime.scheduler import Scheduler
 
         self.conn, self.model = conn, model
         self.tokenizer = model._tokenizer
-        self.scheduler = Scheduler(model.engine, self.tokenizer, max_batch=options["max_batch"],
-                                   max_len=options.get("max_len"), exact=options.get("exact", True))
+        self.lock = threading.Lock()         # lane loads and owners; one message on the pipe at a time
+        self.owner: dict[str, Lane] = {}     # request id -> its lane
+        n = max(1, int(options.get("lanes") or getattr(model.engine, "pipeline_depth", 1)))
+        per_lane = max(1, -(-options["max_batch"] // n))
+        self.lanes = [Lane(self, Scheduler(model.engine, self.tokenizer, max_batch=per_lane,
+                                           max_len=options.get("max_len"), exact=options.get("exact", True)), k)
+                      for k in range(n)]
+        self.send_lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
         """What the server shows about this model once it is loaded."""
         from ..runtime.memory import current_rss, peak_rss
 
-        tok = self.tokenizer
-        return {"pid": os.getpid(), "context_length": self.scheduler.max_len, "vocab_size": self.model.args.vocab_size,
+        tok, first = self.tokenizer, self.lanes[0].scheduler
+        return {"pid": os.getpid(), "context_length": first.max_len, "vocab_size": self.model.args.vocab_size,
                 "has_tokenizer": tok is not None, "has_chat_template": tok is not None and bool(tok.chat_template),
-                "weights_bytes": self.model.engine.index.total_bytes, "kv_cache_bytes": self.scheduler.cache.nbytes,
-                "max_batch": self.scheduler.max_batch, "exact": self.scheduler.exact,
+                "weights_bytes": self.model.engine.index.total_bytes,
+                "kv_cache_bytes": sum(lane.scheduler.cache.nbytes for lane in self.lanes),
+                "max_batch": sum(lane.scheduler.max_batch for lane in self.lanes), "lanes": len(self.lanes),
+                "exact": first.exact,
                 "streamed_groups": len(self.model.plan.streamed) if self.model.plan is not None else 0,
                 "rss": current_rss(), "peak_rss": peak_rss()}
 
     def stats(self) -> dict[str, Any]:
+        """Counters over all lanes (read without stopping them: figures of the moment)."""
         from ..runtime.memory import current_rss, peak_rss
 
-        s = self.scheduler
-        return {"active": len(s.active), "waiting": len(s.waiting), "last_batch": s.last_batch,
-                "step_seconds": s.last_step_seconds, "rss": current_rss(), "peak_rss": peak_rss(),
-                **s.counters}
+        schedulers = [lane.scheduler for lane in self.lanes]
+        counters: dict[str, int] = {}
+        for s in schedulers:
+            for k, v in s.counters.items():
+                counters[k] = counters.get(k, 0) + v
+        return {"active": sum(len(s.active) for s in schedulers), "waiting": sum(len(s.waiting) for s in schedulers),
+                "last_batch": sum(s.last_batch for s in schedulers),
+                "step_seconds": max(s.last_step_seconds for s in schedulers), "rss": current_rss(),
+                "peak_rss": peak_rss(), **counters}
+
+    def send(self, msg: tuple) -> None:
+        with self.send_lock:
+            self.conn.send(msg)
+
+    def finished(self, lane: Lane, rids: list[str]) -> None:
+        """`lane`'s requests `rids` are done (finished, cancelled or refused)."""
+        if rids:
+            with self.lock:
+                lane.load -= len(rids)
+                for rid in rids:
+                    self.owner.pop(rid, None)
 
     def run(self) -> None:
         """Serve until told to stop or the server goes away (its end of the pipe closes)."""
+        for lane in self.lanes:
+            lane.thread.start()
         try:
             self._loop()
-        except (BrokenPipeError, ConnectionResetError):  # the server is gone: nobody to answer
+        except (BrokenPipeError, ConnectionResetError, EOFError):  # the server is gone: nobody to answer
             return
+        finally:
+            for lane in self.lanes:
+                lane.inbox.put(("stop",))
+            for lane in self.lanes:
+                lane.thread.join(5.0)
 
     def _loop(self) -> None:
         while True:
-            timeout = 0 if self.scheduler.busy else None  # block while idle
-            handled = False
-            while self.conn.poll(timeout):
-                try:
-                    msg = self.conn.recv()
-                except EOFError:
-                    return
-                if msg[0] == "stop":
-                    return
-                self.handle(msg)
-                handled, timeout = True, 0
-            if handled:
-                self.conn.send(("stats", self.stats()))
-            if self.scheduler.busy:
-                events = self.scheduler.step()
-                self.conn.send(("events", [self.encode(e) for e in events], self.stats()))
+            for lane in self.lanes:
+                if lane.error is not None:
+                    raise lane.error
+            if not self.conn.poll(0.1):
+                continue
+            msg = self.conn.recv()
+            if msg[0] == "stop":
+                return
+            self.handle(msg)
 
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
@@ -92,16 +179,19 @@ class Worker:
             _, rid, payload = msg
             try:
                 req = self.request(rid, payload)
-                self.scheduler.submit(req)
-            except ContextLengthError as e:
-                self.conn.send(("rejected", rid, _error(400, str(e), "messages" if payload["kind"] == "chat"
-                                                         else "prompt", "context_length_exceeded")))
             except (PipeloadError, ValueError, TypeError) as e:
-                self.conn.send(("rejected", rid, _error(400, str(e))))
-            else:
-                self.conn.send(("accepted", rid, {"prompt_tokens": len(req.prompt)}))
+                self.send(("rejected", rid, _error(400, str(e))))
+                return
+            with self.lock:
+                lane = min(self.lanes, key=lambda ln: ln.load)
+                lane.load += 1
+                self.owner[rid] = lane
+            lane.inbox.put(("submit", rid, req, payload["kind"]))
         elif kind == "cancel":
-            self.scheduler.cancel(msg[1])
+            with self.lock:
+                lane = self.owner.get(msg[1])
+            if lane is not None:
+                lane.inbox.put(("cancel", msg[1]))
         else:
             raise ValueError(f"worker got an unknown message {kind!r}")
 
