@@ -71,13 +71,14 @@ def in_ns(k: int) -> list[str]:
 
 def shaped_runs(a, model: Path) -> list[dict]:
     """pipeload over the shaped link: 2 nodes (coordinator + worker 1 | worker 2), 1 and 2 streams."""
-    from .cluster import _median_run
+    from .cluster import _median_run, pin
 
     base = {"model": str(model), "tokens": a.tokens, "prompt": a.prompt, "address_host": ADDRESSES[0]}
     out = []
     for mode in a.modes.split(","):
         for streams in (1, 2):
-            spec = {**base, "mode": mode, "streams": streams, "worker_prefixes": [in_ns(0), in_ns(1)]}
+            spec = {**base, "mode": mode, "streams": streams,
+                    "worker_prefixes": [[*in_ns(0), *pin(0)], [*in_ns(1), *pin(1)]]}
             r = _median_run("child_cluster", spec, a.repeats, prefix=in_ns(0))
             out.append({"mode": mode, "nodes": 2, "streams": streams, "link": "1 Gbit/s veth", **r})
     return out
@@ -142,7 +143,7 @@ def llama_rpc_run(build: Path, model: Path, servers: list[tuple[list[str], str]]
 
 def shaped_and_rpc(a, model: Path, loopback: list[dict]) -> tuple[dict, dict[str, str]]:
     """The shaped-link runs and the llama.cpp RPC comparison; (results, {title: markdown table})."""
-    from .cluster import hop_table
+    from .cluster import hop_table, pin
 
     results: dict = {}
     tables: dict[str, str] = {}
@@ -157,15 +158,16 @@ def shaped_and_rpc(a, model: Path, loopback: list[dict]) -> tuple[dict, dict[str
             results["llama_rpc_error"] = str(e)
             tables["llama.cpp RPC"] = f"llama.cpp RPC could not run: {e}"
     if build is not None:
-        rpc["1 process (no RPC)"] = llama_rpc_run(build, model, [], [], a.tokens)
+        rpc["1 process (no RPC)"] = llama_rpc_run(build, model, [], pin(0), a.tokens)
         for k in sorted({int(s) for s in a.stages.split(",")}):
-            servers = [([], f"127.0.0.1:{50100 + j}") for j in range(k)]
+            servers = [(pin(j), f"127.0.0.1:{50100 + j}") for j in range(k)]
             rpc[f"{k} RPC servers, loopback"] = llama_rpc_run(build, model, servers, [], a.tokens)
     if a.netns:
         with shaped_link():
             shaped = shaped_runs(a, model)
             if build is not None:
-                servers = [(["ip", "netns", "exec", NAMESPACES[j]], f"{ADDRESSES[j]}:{50200 + j}") for j in range(2)]
+                servers = [(["ip", "netns", "exec", NAMESPACES[j], *pin(j)], f"{ADDRESSES[j]}:{50200 + j}")
+                           for j in range(2)]
                 rpc["2 RPC servers, 1 Gbit/s veth"] = llama_rpc_run(build, model, servers,
                                                                      ["ip", "netns", "exec", NAMESPACES[0]], a.tokens)
         rows = [[r["mode"], r["streams"], r["tokens_per_second"], r["predicted"],

@@ -29,6 +29,9 @@ from . import protocol as P
 from .rendezvous import ClusterError, set_json
 
 
+PING_GAP = 0.01  # seconds between latency pings
+
+
 class StepError(ClusterError):
     """A stage raised while running a step (bad input): the message names it."""
 
@@ -162,11 +165,14 @@ class Coordinator:
             self.monitor_thread.start()
 
     def _ping(self, world_size: int) -> float:
-        """Median one-way latency (s) to the workers, measured by ping-pong on the process group."""
+        """Median one-way latency (s) to the workers, measured by ping-pong on the process group.
+        Each ping finds the worker idle for a few ms, as a stage is between its steps: waking a
+        sleeping process is part of the price of a hop (a back-to-back ping-pong hides it)."""
         t = torch.zeros(1)
         times = []
         for rank in range(1, world_size):
             for _ in range(int(self.store.get("ping_rounds"))):
+                time.sleep(PING_GAP)
                 t0 = time.perf_counter()
                 self.world.send([t], rank, 1).wait()
                 self.world.recv([t], rank, 1).wait()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import atexit
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -79,6 +79,29 @@ def client_seconds(vocab: int, steps: int = 12) -> float:
         t0 = now
     times = sorted(times[2:])
     return times[len(times) // 2]
+
+
+def busy_speeds(store, hellos: dict[int, dict], seconds: float = 0.5, timeout: float = 30.0) -> dict[int, float]:
+    """{worker id: decode bytes/s while all workers decode at once}, for workers that share a
+    host with another (the others need no such figure): every worker times layer 0 in the same
+    wall-clock window (StageModel.busy_layer_seconds). Workers that do not answer are left out."""
+    hosts: dict[str, int] = {}
+    for h in hellos.values():
+        hosts[h.get("host", "")] = hosts.get(h.get("host", ""), 0) + 1
+    shared = [wid for wid, h in hellos.items() if hosts[h.get("host", "")] > 1]
+    if not shared:
+        return {}
+    start = time.time() + 1.0  # every worker sees the window (heartbeats poll at 0.2 s) and loads layer 0
+    set_json(store, "together", {"start": start, "seconds": seconds})
+    out, deadline = {}, time.monotonic() + timeout
+    while len(out) < len(shared) and time.monotonic() < deadline:
+        for wid in shared:
+            key = f"together/{wid}"
+            if wid not in out and store.check([key]):
+                secs = get_json(store, key)["layer_seconds"]
+                out[wid] = hellos[wid]["layer_bytes"] / secs if secs else 0.0
+        time.sleep(0.05)
+    return {wid: bw for wid, bw in out.items() if bw}
 
 
 def node_spec(wid: int, h: dict) -> NodeSpec:
@@ -280,6 +303,8 @@ def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "p
                         step_timeout, load_timeout)
     atexit.register(coord.close)  # workers are told to exit however this process ends its run
     coord.start_epoch(planner(ids), load_timeout)
+    busy = busy_speeds(store, hellos)
+    planner.nodes = {wid: replace(n, busy_bandwidth=busy.get(wid, 0.0)) for wid, n in planner.nodes.items()}
     measured = LinkSpec(latency=max(coord.link_latency, 1e-6), bandwidth=link.bandwidth)
     coord.client_seconds = client_seconds(args.vocab_size)
     summary = {"mode": mode, "workers": {wid: h["name"] for wid, h in hellos.items()},

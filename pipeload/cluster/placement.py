@@ -34,6 +34,11 @@ class NodeSpec:
     host: str = ""               # nodes with the same host share its cores
     host_cores: int = 0          # cores of that host (0: not shared)
     step_overhead: float = 0.0   # seconds per step of a stage beyond its layers (masks, rope tables, messages)
+    busy_bandwidth: float = 0.0  # decode bytes/s while every node of its host decodes too (0: unknown)
+
+    def busy(self) -> "NodeSpec":
+        """This node as it runs when all nodes of its host work at once."""
+        return replace(self, decode_bandwidth=self.busy_bandwidth) if self.busy_bandwidth else self
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class Stage:
     resident_bytes: int = 0
     streamed_bytes: int = 0
     seconds: float = 0.0         # per token at batch 1
+    busy_seconds: float = 0.0    # the same while every stage works (its host's other nodes busy too)
 
     @property
     def layers(self) -> range:
@@ -93,8 +99,13 @@ class Placement:
                 + self.client_seconds)
 
     def tokens_per_second(self, streams: int = 1, host_limits: dict[str, float] | None = None) -> float:
-        """Predicted decode tokens/s of `streams` independent streams in flight."""
+        """Predicted decode tokens/s of `streams` independent streams in flight. One stream keeps
+        one stage busy at a time; several keep stages busy together, which on a shared host
+        runs each at its measured busy speed."""
         rate = min(streams / self.round_trip(), 1.0 / self.bottleneck)
+        if streams > 1 and all(s.busy_seconds for s in self.stages):
+            busy_trip = self.round_trip() + sum(s.busy_seconds - s.seconds for s in self.stages)
+            rate = min(streams / busy_trip, 1.0 / max(s.busy_seconds for s in self.stages))
         if self.client_seconds:
             rate = min(rate, 1.0 / self.client_seconds)
         for limit in (host_limits or {}).values():
@@ -182,7 +193,9 @@ def place_pipeline(nodes: list[NodeSpec], cost: ModelCost, link: LinkSpec, conte
                                          prefetch_depth=prefetch_depth)
         if secs == INF:
             raise ValueError(f"node {node.name} cannot hold layers {start}..{stop - 1} and the head even streamed")
-        stages.append(Stage(node.name, start, stop, res, streamed, secs))
+        busy = stage_cost(node.busy(), cost, start, stop, context, batch, with_head=idx == len(used) - 1,
+                          prefetch_depth=prefetch_depth)[0]
+        stages.append(Stage(node.name, start, stop, res, streamed, secs, busy))
     placement = Placement(stages, hop_seconds(cost, link, batch), return_seconds=return_seconds(cost, link, batch))
     for node, (start, stop) in zip(nodes, ranges):
         if stop == start:

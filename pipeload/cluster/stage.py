@@ -269,6 +269,18 @@ class StageModel:
         times = sorted(times[2:])
         return times[len(times) // 2]
 
+    def _calibration_layer(self):
+        """(model, block, executor) of layer 0, loaded for timing."""
+        model = self.arch.Model(self.args)
+        with RangeReader() as reader:
+            raw = read_raw([self.index.block(0)], reader)
+        block = model.new_block(0)
+        attach_weights(block, raw, "blk.0.", self.dtype, self.native, f"{self.ckpt.path}: layer 0")
+        if hasattr(block, "fuse"):
+            block.fuse()
+        return model, block, Executor(model, ResidentLayers(model, {0: block}), self.args.n_layers,
+                                      self.args.sliding_window)
+
     def calibrate(self, repeats: int = 16) -> dict:
         """This node's speed on the model, timed on a real layer (layer 0, loaded for the purpose)
         in a one-token decode step: {"layer_seconds", "layer_bytes", "decode_bandwidth" (bytes/s),
@@ -277,20 +289,14 @@ class StageModel:
         from ..runtime.planner import group_sizes
 
         _, spans, _ = group_sizes(self.index, self.dtype)
-        model = self.arch.Model(self.args)
-        with RangeReader() as reader:
-            raw = read_raw([self.index.block(0)], reader)
-        block = model.new_block(0)
-        attach_weights(block, raw, "blk.0.", self.dtype, self.native, f"{self.ckpt.path}: layer 0")
-        if hasattr(block, "fuse"):
-            block.fuse()
-        ex = Executor(model, ResidentLayers(model, {0: block}), self.args.n_layers, self.args.sliding_window)
-        cache = KVCache(1, 1, self.args.n_kv_heads, self.args.head_dim, repeats * 2 + 8, self.dtype)
+        model, block, ex = self._calibration_layer()
+        cache = KVCache(1, 1, self.args.n_kv_heads, self.args.head_dim, repeats * 3 + 12, self.dtype)
         h = torch.randn(1, 1, self.args.dim).to(self.dtype) * 0.1
-        block_times, step_times = [], []
+        block_times, step_times, cold_times = [], [], []
+        flush = _cache_flusher()
         with torch.inference_mode():
             for r in range(repeats + 2):
-                pos = torch.tensor([[2 * r]])
+                pos = torch.tensor([[3 * r]])
                 step = model.step_inputs(pos, None)
                 cache.begin_step(pos, True)
                 t0 = time.perf_counter()
@@ -303,14 +309,61 @@ class StageModel:
                 out = ex.forward_layers(parts[0], parts[1], cache, 0, 1)
                 P.pack([out, pos])
                 step_times.append(time.perf_counter() - t0)
+                pos = pos + 2
+                step = model.step_inputs(pos, None)
+                cache.begin_step(pos, True)
+                flush()
+                t0 = time.perf_counter()
+                block(h, step, cache.layer(0))
+                cold_times.append(time.perf_counter() - t0)
 
         def quartile(xs):  # the lower quartile: workers calibrating at once on shared cores only add time
             xs = sorted(xs[2:])
             return xs[len(xs) // 4]
 
-        secs = quartile(block_times)
+        # the layer's time from memory (as in a step, after other layers); the overhead beyond the
+        # layer, both timed warm so that it holds only what a stage adds
+        secs = quartile(cold_times)
+        overhead = quartile(step_times) - quartile(block_times)
         return {"layer_seconds": secs, "layer_bytes": spans["blk.0"], "decode_bandwidth": spans["blk.0"] / secs,
-                "step_overhead": max(0.0, quartile(step_times) - secs)}
+                "step_overhead": max(0.0, overhead)}
+
+    def busy_layer_seconds(self, start: float, seconds: float) -> float | None:
+        """Seconds per decode step of layer 0 while decoding back to back from wall-clock time
+        `start` for `seconds`: the workers of one host run this in the same window, so it measures
+        each one's speed while all of them work (they share the host's memory bandwidth and
+        cores). None if the window had passed before layer 0 was loaded."""
+        model, block, _ = self._calibration_layer()
+        positions = 4096
+        cache = KVCache(1, 1, self.args.n_kv_heads, self.args.head_dim, positions, self.dtype)
+        h = torch.randn(1, 1, self.args.dim).to(self.dtype) * 0.1
+        flush = _cache_flusher()
+        while time.time() < start:
+            time.sleep(min(0.01, max(0.0, start - time.time())))
+        steps, spent = 0, 0.0
+        with torch.inference_mode():
+            while time.time() < start + seconds:
+                pos = torch.tensor([[steps % positions]])
+                cache.begin_step(pos, True)
+                step = model.step_inputs(pos, None)
+                flush()
+                t0 = time.perf_counter()
+                block(h, step, cache.layer(0))
+                spent += time.perf_counter() - t0
+                steps += 1
+        return spent / steps if steps >= 4 else None
+
+
+def _cache_flusher(nbytes: int = 32 << 20):
+    """A function that reads `nbytes` of other memory: a layer timed again and again would
+    otherwise come from the CPU caches (a small model's layer fits in them), while in a real
+    step every layer follows others and comes from memory."""
+    junk = torch.ones(nbytes // 4)
+
+    def flush() -> None:
+        junk.sum()
+
+    return flush
 
 
 class _row_exact:

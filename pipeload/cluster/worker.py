@@ -51,6 +51,7 @@ class Worker:
         self.broken_epoch = -1            # the data path failed in this epoch: drop until the next
         self.stop = threading.Event()
         self.new_epoch = threading.Event()
+        self.busy_measured = False      # the coordinator's all-at-once speed window ran
         self.data_thread: threading.Thread | None = None
         self.id = 0
         self.timeout = 60.0
@@ -111,6 +112,9 @@ class Worker:
                     store.set(f"sent/{self.id}", f"{self.channel.bytes_sent} {self.channel.messages_sent} "
                                                  f"{r.calls} {r.bytes} {r.seconds:.6f}")
                     store.set(f"times/{self.id}", " ".join(f"{x:.6f}" for x in self.times))
+                if not self.busy_measured and store.check(["together"]):
+                    self.busy_measured = True
+                    threading.Thread(target=self._busy_calibration, name="pipeload-busy", daemon=True).start()
                 if store.check(["shutdown"]):
                     self.stop.set()
                     break
@@ -120,6 +124,19 @@ class Worker:
                 self.stop.set()
                 break
             time.sleep(HEARTBEAT)
+
+    def _busy_calibration(self) -> None:
+        """Time layer 0 in the window the coordinator set, when every worker does the same (see
+        StageModel.busy_layer_seconds); the answer goes to `together/{id}`."""
+        import json
+
+        try:
+            window = json.loads(self.beat_store.get("together").decode())
+            with self.lock:
+                secs = self.stage.busy_layer_seconds(window["start"], window["seconds"])
+            self.beat_store.set(f"together/{self.id}", json.dumps({"layer_seconds": secs}))
+        except (RuntimeError, OSError, ValueError):
+            pass  # the coordinator goes without this figure
 
     def _apply(self, epoch: int) -> None:
         plan = get_json(self.store, f"plan/{epoch}")
