@@ -342,7 +342,9 @@ def scaling(a, model: Path) -> tuple[list[dict], str]:
         for k in stages:
             if mode == "tensor" and k == 1:
                 continue
-            for streams in sorted({1, k}):
+            # a pipeline of k stages with exactly k streams has no slack (any hop delay idles a
+            # stage); 2k streams show how close it comes to k times one stage
+            for streams in sorted({1, k} | ({2 * k} if mode == "pipeline" and k > 1 else set())):
                 spec = {**base, "mode": mode, "streams": streams, "worker_prefixes": [pin(j) for j in range(k)]}
                 r = _median_run("child_cluster", spec, a.repeats)
                 speedup = r["tokens_per_second"] / one["tokens_per_second"]

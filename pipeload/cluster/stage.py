@@ -243,16 +243,17 @@ class StageModel:
         elif m.op == P.MOVE_ROW:
             self.caches[m.cache].move_row(m.aux, m.width, m.row_stop)
 
-    def time_shard_layer(self, repeats: int = 24) -> float | None:
-        """Median seconds of one decode step through one of this rank's tensor-parallel layers,
-        its two all-reduces included. Every rank runs it at the same moment (the all-reduces keep
-        them in step), so it measures what a step pays on these nodes and this link when all ranks
-        work at once. None when no layer is held resident."""
-        held = sorted(self.blocks)
-        if not held or self.assignment is None or self.assignment.shard is None:
+    def time_shard_step(self, repeats: int = 12) -> float | None:
+        """Median seconds of one decode step through all of this rank's tensor-parallel layers,
+        all-reduces included, per layer. Every rank runs it at the same moment (the all-reduces
+        keep them in step), so it measures what a step pays on these nodes and this link when all
+        ranks work at once. None when this rank holds no shard."""
+        a = self.assignment
+        if a is None or a.shard is None or self.executor is None:
             return None
-        block, spec = self.blocks[held[0]], self.assignment.shard
-        cache = KVCache(1, 1, spec.kv[1] - spec.kv[0], self.args.head_dim, repeats + 4, self.dtype)
+        spec = a.shard
+        cache = StageCache(a.start, a.stop - a.start, 1, spec.kv[1] - spec.kv[0], self.args.head_dim, repeats + 4,
+                           self.dtype)
         h = torch.full((1, 1, self.args.dim), 0.01, dtype=self.dtype)
         r = self.reduce
         counters = r.calls, r.bytes, r.seconds
@@ -260,14 +261,12 @@ class StageModel:
         with torch.inference_mode():
             for k in range(repeats + 2):
                 pos = torch.tensor([[k]])
-                cache.begin_step(pos, True)
-                step = self.executor.model.step_inputs(pos, None)
                 t0 = time.perf_counter()
-                block(h, step, cache.layer(0))
+                self.executor.forward_layers(h, pos, cache, a.start, a.stop)
                 times.append(time.perf_counter() - t0)
         r.calls, r.bytes, r.seconds = counters  # the counters are the steps' alone
         times = sorted(times[2:])
-        return times[len(times) // 2]
+        return times[len(times) // 2] / (a.stop - a.start)
 
     def _calibration_layer(self):
         """(model, block, executor) of layer 0, loaded for timing."""

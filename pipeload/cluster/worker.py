@@ -177,7 +177,7 @@ class Worker:
                     dist.PrefixStore(f"tp/{epoch}/", self.store), tp.index(self.rank), len(tp),
                     timedelta(seconds=self.timeout))
                 started["allreduce_seconds"] = self._time_allreduce()
-                started["tp_layer_seconds"] = self.stage.time_shard_layer()
+                started["tp_layer_seconds"] = self.stage.time_shard_step()
             self.epoch = epoch
         if part is not None and (self.data_thread is None or not self.data_thread.is_alive()):
             self.data_thread = threading.Thread(target=self._data, name="pipeload-data", daemon=True)
