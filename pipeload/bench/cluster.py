@@ -40,6 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--stages", default="1,2,3", help="node counts to run (default 1,2,3)")
     p.add_argument("--modes", default="pipeline,tensor", help="pipeline, tensor or both (default both)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each configuration, median (default 1)")
+    p.add_argument("--parts", default="scaling,served,allreduce",
+                   help="loopback parts to run: scaling, served, allreduce (default all three)")
     p.add_argument("--netns", action="store_true", help="also over two namespaces with a 1 Gbit/s veth (root)")
     p.add_argument("--llama-rpc", action="store_true", help="also llama.cpp's RPC backend (built once if needed)")
 
@@ -373,22 +375,81 @@ def hop_table(results: list[dict]) -> str:
     return markdown_table(["mode", "nodes", "streams", "link", "sender", "bytes/token", "messages/token"], rows)
 
 
+ALLREDUCE_CHILD = """
+import json, sys, time, torch, torch.distributed as dist
+from datetime import timedelta
+from pipeload.cluster.shard import AllReduce
+rank, n, port, rounds = (int(x) for x in sys.argv[1:5])
+torch.set_num_threads(1)
+store = dist.TCPStore("127.0.0.1", port, n, rank == 0, timeout=timedelta(seconds=60))
+pg = dist.ProcessGroupGloo(dist.PrefixStore("a", store), rank, n, timedelta(seconds=60))
+exchange, x = AllReduce(pg), torch.ones(1, 1, int(sys.argv[5]))
+out = {}
+for name, fn in (("exchange", lambda: exchange(x)), ("gloo ring", lambda: pg.allreduce([x.clone()]).wait())):
+    for _ in range(30):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    out[name] = sorted(times)[rounds // 2]
+print(json.dumps(out), flush=True)
+import os
+os._exit(0)  # gloo's C++ teardown can abort at interpreter exit; the figures are out
+"""
+
+
+def allreduce_micro(dim: int = 2048, rounds: int = 300) -> tuple[list[dict], str]:
+    """Median seconds of one all-reduce of a decode step's hidden state (dim float32) between n
+    one-thread processes on loopback: pipeload's exchange (AllReduce) against gloo's allreduce."""
+    rows, results = [], []
+    for n in (2, 3):
+        port = free_port()
+        procs = [subprocess.Popen([*pin(k), sys.executable, "-c", ALLREDUCE_CHILD, str(k), str(n), str(port),
+                                   str(rounds), str(dim)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k in range(n)]
+        outs = []
+        for p in procs:
+            o, e = p.communicate(timeout=300)
+            if p.returncode != 0:
+                raise RuntimeError(f"all-reduce child failed: {e[-1500:]}")
+            outs.append(json.loads(o.strip().splitlines()[-1]))
+        r = {k: sorted(o[k] for o in outs)[len(outs) // 2] for k in outs[0]}
+        results.append({"ranks": n, **r})
+        rows.append([n, dim * 4, r["exchange"] * 1e6, r["gloo ring"] * 1e6, r["gloo ring"] / r["exchange"]])
+    return results, markdown_table(["ranks", "bytes", "exchange (us)", "gloo allreduce (us)", "ratio"], rows)
+
+
 def run(a) -> int:
     out = Path(a.out)
     print(f"load average before: {load_average():.2f} (2 cores shared with other work: ratios are side by side)")
     model = model_path(a)
     t0 = time.time()
-    results, table = scaling(a, model)
-    print(f"\n## Scaling on loopback ({model.name}, {a.tokens} tokens per stream, 1 thread per process)\n")
-    print(table)
-    print("\n## Bytes and messages per token per hop (loopback)\n")
-    print(hop_table(results[1:]))
-    report = {"model": str(model), "scaling": results, "scaling_table": table}
-    served_results, served_table = served(a, model)
-    print("\n## Through `pipeload serve` (4 concurrent requests, 1 thread per process)\n")
-    print(served_table)
-    report["served"] = served_results
-    table += "\n\n## Through `pipeload serve`\n\n" + served_table
+    parts = set(a.parts.split(","))
+    unknown = parts - {"scaling", "served", "allreduce"}
+    if unknown:
+        raise ValueError(f"unknown --parts {sorted(unknown)}: choose from scaling, served, allreduce")
+    results, table, report = [], "", {"model": str(model)}
+    if "scaling" in parts:
+        results, table = scaling(a, model)
+        print(f"\n## Scaling on loopback ({model.name}, {a.tokens} tokens per stream, 1 thread per process)\n")
+        print(table)
+        print("\n## Bytes and messages per token per hop (loopback)\n")
+        print(hop_table(results[1:]))
+        report.update(scaling=results, scaling_table=table)
+    if "served" in parts:
+        served_results, served_table = served(a, model)
+        print("\n## Through `pipeload serve` (4 concurrent requests, 1 thread per process)\n")
+        print(served_table)
+        report["served"] = served_results
+        table += "\n\n## Through `pipeload serve`\n\n" + served_table
+    if "allreduce" in parts:
+        ar_results, ar_table = allreduce_micro()
+        print("\n## One all-reduce of a decode step's hidden state (2048 float32), median of 300\n")
+        print(ar_table)
+        report["allreduce"] = ar_results
+        table += "\n\n## One all-reduce of a decode step's hidden state\n\n" + ar_table
     if a.netns or a.llama_rpc:
         from .cluster_net import shaped_and_rpc
 
