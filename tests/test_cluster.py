@@ -52,6 +52,9 @@ def test_pipeline_bit_identical(f32_model, q4_model, stages, models):
             m = connect(path, stages, port=port)
             try:
                 assert len(m.engine.summary["plan"]) == stages
+                # every stage's step was timed alone and with all stages at once (workers share this host)
+                timed = m.engine.coordinator.plan_maker.stage_times
+                assert len(timed) == stages and all(alone > 0 and busy > 0 for alone, busy in timed.values())
                 assert torch.equal(m.logits(PROMPT), ref.logits(PROMPT))
                 batch = torch.tensor([PROMPT, PROMPT[::-1]])
                 assert torch.equal(m.logits(batch), ref.logits(batch))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import atexit
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -81,27 +81,35 @@ def client_seconds(vocab: int, steps: int = 12) -> float:
     return times[len(times) // 2]
 
 
-def busy_speeds(store, hellos: dict[int, dict], seconds: float = 0.5, timeout: float = 30.0) -> dict[int, float]:
-    """{worker id: decode bytes/s while all workers decode at once}, for workers that share a
-    host with another (the others need no such figure): every worker times layer 0 in the same
-    wall-clock window (StageModel.busy_layer_seconds). Workers that do not answer are left out."""
+def stage_timings(store, ids: list[int], hellos: dict[int, dict], alone_seconds: float = 0.3,
+                  together_seconds: float = 0.5, timeout: float = 30.0) -> dict[int, tuple[float, float]]:
+    """{worker id: (seconds of its stage's step alone, the same while all stages step at once)}
+    for the live pipeline, timed by the workers in wall-clock windows: one per worker alone,
+    then one for all (only where workers share a host; elsewhere all at once is alone). Workers
+    that do not answer are left out."""
     hosts: dict[str, int] = {}
-    for h in hellos.values():
-        hosts[h.get("host", "")] = hosts.get(h.get("host", ""), 0) + 1
-    shared = [wid for wid, h in hellos.items() if hosts[h.get("host", "")] > 1]
-    if not shared:
-        return {}
-    start = time.time() + 1.0  # every worker sees the window (heartbeats poll at 0.2 s) and loads layer 0
-    set_json(store, "together", {"start": start, "seconds": seconds})
-    out, deadline = {}, time.monotonic() + timeout
-    while len(out) < len(shared) and time.monotonic() < deadline:
-        for wid in shared:
+    for wid in ids:
+        hosts[hellos[wid].get("host", "")] = hosts.get(hellos[wid].get("host", ""), 0) + 1
+    shared = max(hosts.values(), default=0) > 1
+    start, gap, windows = time.time() + 1.0, 0.2, []  # heartbeats see the windows within 0.2 s
+    for wid in (ids if shared else []):
+        windows.append({"start": start, "seconds": alone_seconds, "who": [wid]})
+        start += alone_seconds + gap
+    windows.append({"start": start, "seconds": together_seconds, "who": list(ids)})
+    set_json(store, "together", windows)
+    out: dict[int, tuple[float, float]] = {}
+    deadline = time.time() + (start + together_seconds - time.time()) + timeout
+    while len(out) < len(ids) and time.time() < deadline:
+        for wid in ids:
             key = f"together/{wid}"
             if wid not in out and store.check([key]):
-                secs = get_json(store, key)["layer_seconds"]
-                out[wid] = hellos[wid]["layer_bytes"] / secs if secs else 0.0
+                got = get_json(store, key)
+                if got and all(got):
+                    out[wid] = (got[0], got[-1])
+                else:
+                    out[wid] = (0.0, 0.0)
         time.sleep(0.05)
-    return {wid: bw for wid, bw in out.items() if bw}
+    return {wid: t for wid, t in out.items() if t[0] and t[1]}
 
 
 def node_spec(wid: int, h: dict) -> NodeSpec:
@@ -222,6 +230,7 @@ class _Planner:
         self.nodes, self.link, self.context, self.batch = nodes, link, context, batch
         self.step_timeout, self.world_size, self.rank_of = step_timeout, world_size, rank_of
         self.placement: Placement | None = None
+        self.stage_times: dict[int, tuple[float, float]] = {}  # measured on the live pipeline (stage_timings)
         self.names: dict[int, str] = {}
         self.dtype = torch.float32
 
@@ -262,6 +271,13 @@ class _Planner:
         out = {}
         placement = place_pipeline(nodes, self.cost, link, self.context, 1)
         placement.client_seconds = client
+        # stages of the live plan: their step as timed on the workers (alone, all at once)
+        live = {s.node: (s.start, s.stop) for s in self.placement.stages} if self.placement else {}
+        for s in placement.stages:
+            timed = self.stage_times.get(int(s.node))
+            if timed and live.get(s.node) == (s.start, s.stop):
+                extra = self.nodes[int(s.node)].step_overhead
+                s.seconds, s.busy_seconds = timed[0] + extra, timed[1] + extra
         limits = host_limits(placement, nodes)
         for k in streams:
             out[f"pipeline_{k}"] = placement.tokens_per_second(k, limits)
@@ -303,8 +319,8 @@ def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "p
                         step_timeout, load_timeout)
     atexit.register(coord.close)  # workers are told to exit however this process ends its run
     coord.start_epoch(planner(ids), load_timeout)
-    busy = busy_speeds(store, hellos)
-    planner.nodes = {wid: replace(n, busy_bandwidth=busy.get(wid, 0.0)) for wid, n in planner.nodes.items()}
+    if mode == "pipeline":
+        planner.stage_times = stage_timings(store, ids, hellos)
     measured = LinkSpec(latency=max(coord.link_latency, 1e-6), bandwidth=link.bandwidth)
     coord.client_seconds = client_seconds(args.vocab_size)
     summary = {"mode": mode, "workers": {wid: h["name"] for wid, h in hellos.items()},

@@ -34,11 +34,6 @@ class NodeSpec:
     host: str = ""               # nodes with the same host share its cores
     host_cores: int = 0          # cores of that host (0: not shared)
     step_overhead: float = 0.0   # seconds per step of a stage beyond its layers (masks, rope tables, messages)
-    busy_bandwidth: float = 0.0  # decode bytes/s while every node of its host decodes too (0: unknown)
-
-    def busy(self) -> "NodeSpec":
-        """This node as it runs when all nodes of its host work at once."""
-        return replace(self, decode_bandwidth=self.busy_bandwidth) if self.busy_bandwidth else self
 
 
 @dataclass(frozen=True)
@@ -72,7 +67,8 @@ class Stage:
     resident_bytes: int = 0
     streamed_bytes: int = 0
     seconds: float = 0.0         # per token at batch 1
-    busy_seconds: float = 0.0    # the same while every stage works (its host's other nodes busy too)
+    busy_seconds: float = 0.0    # the same while every stage works (measured on a live cluster, where
+                                 # co-hosted stages share the host; else as seconds)
 
     @property
     def layers(self) -> range:
@@ -193,9 +189,7 @@ def place_pipeline(nodes: list[NodeSpec], cost: ModelCost, link: LinkSpec, conte
                                          prefetch_depth=prefetch_depth)
         if secs == INF:
             raise ValueError(f"node {node.name} cannot hold layers {start}..{stop - 1} and the head even streamed")
-        busy = stage_cost(node.busy(), cost, start, stop, context, batch, with_head=idx == len(used) - 1,
-                          prefetch_depth=prefetch_depth)[0]
-        stages.append(Stage(node.name, start, stop, res, streamed, secs, busy))
+        stages.append(Stage(node.name, start, stop, res, streamed, secs, secs))
     placement = Placement(stages, hop_seconds(cost, link, batch), return_seconds=return_seconds(cost, link, batch))
     for node, (start, stop) in zip(nodes, ranges):
         if stop == start:

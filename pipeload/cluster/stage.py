@@ -327,30 +327,34 @@ class StageModel:
         return {"layer_seconds": secs, "layer_bytes": spans["blk.0"], "decode_bandwidth": spans["blk.0"] / secs,
                 "step_overhead": max(0.0, overhead)}
 
-    def busy_layer_seconds(self, start: float, seconds: float) -> float | None:
-        """Seconds per decode step of layer 0 while decoding back to back from wall-clock time
-        `start` for `seconds`: the workers of one host run this in the same window, so it measures
-        each one's speed while all of them work (they share the host's memory bandwidth and
-        cores). None if the window had passed before layer 0 was loaded."""
-        model, block, _ = self._calibration_layer()
-        positions = 4096
-        cache = KVCache(1, 1, self.args.n_kv_heads, self.args.head_dim, positions, self.dtype)
-        h = torch.randn(1, 1, self.args.dim).to(self.dtype) * 0.1
-        flush = _cache_flusher()
+    def window_step_seconds(self, start: float, seconds: float) -> float | None:
+        """Median seconds of one decode step of this pipeline stage (its layers, and the head on
+        the last stage) run back to back on a scratch cache from wall-clock time `start` for
+        `seconds`. The coordinator sets the windows: one per worker alone (what a stage costs
+        when a single stream keeps one stage busy at a time) and one for all at once (what it
+        costs when several streams keep every stage busy and co-hosted stages share the host).
+        None for tensor-parallel ranks (they cannot step alone), spares, or a missed window."""
+        a, ex = self.assignment, self.executor
+        if a is None or a.shard is not None or ex is None:
+            return None
+        positions = 1024
+        cache = StageCache(a.start, a.stop - a.start, 1, self.args.n_kv_heads, self.args.head_dim, positions,
+                           self.dtype)
+        h = torch.full((1, 1, self.args.dim), 0.01, dtype=self.dtype)
+        index = torch.zeros(1, dtype=torch.int64)
         while time.time() < start:
             time.sleep(min(0.01, max(0.0, start - time.time())))
-        steps, spent = 0, 0.0
+        times = []
         with torch.inference_mode():
             while time.time() < start + seconds:
-                pos = torch.tensor([[steps % positions]])
-                cache.begin_step(pos, True)
-                step = model.step_inputs(pos, None)
-                flush()
+                pos = torch.tensor([[len(times) % positions]])
                 t0 = time.perf_counter()
-                block(h, step, cache.layer(0))
-                spent += time.perf_counter() - t0
-                steps += 1
-        return spent / steps if steps >= 4 else None
+                out = ex.forward_layers(h, pos, cache, a.start, a.stop)
+                if a.head:
+                    ex.head(out, index)
+                times.append(time.perf_counter() - t0)
+        times = sorted(times[1:])
+        return times[len(times) // 2] if len(times) >= 3 else None
 
 
 def _cache_flusher(nbytes: int = 32 << 20):

@@ -126,17 +126,20 @@ class Worker:
             time.sleep(HEARTBEAT)
 
     def _busy_calibration(self) -> None:
-        """Time layer 0 in the window the coordinator set, when every worker does the same (see
-        StageModel.busy_layer_seconds); the answer goes to `together/{id}`."""
+        """Time this stage's step in the windows the coordinator set that name this worker (see
+        StageModel.window_step_seconds); the answers go to `together/{id}`."""
         import json
 
         try:
-            window = json.loads(self.beat_store.get("together").decode())
-            with self.lock:
-                secs = self.stage.busy_layer_seconds(window["start"], window["seconds"])
-            self.beat_store.set(f"together/{self.id}", json.dumps({"layer_seconds": secs}))
+            windows = json.loads(self.beat_store.get("together").decode())
+            mine = []
+            for w in windows:
+                if self.id in w["who"]:
+                    with self.lock:
+                        mine.append(self.stage.window_step_seconds(w["start"], w["seconds"]))
+            self.beat_store.set(f"together/{self.id}", json.dumps(mine))
         except (RuntimeError, OSError, ValueError):
-            pass  # the coordinator goes without this figure
+            pass  # the coordinator goes without these figures
 
     def _apply(self, epoch: int) -> None:
         plan = get_json(self.store, f"plan/{epoch}")
