@@ -96,12 +96,8 @@ def child_cluster(spec: dict) -> dict:
     from pipeload import PipelineModel
     from pipeload.cluster.launch import connect_cluster
 
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TORCH_CPP_LOG_LEVEL": "ERROR"}
-    procs = []
-    for k, prefix in enumerate(spec["worker_prefixes"]):
-        cmd = [*prefix, sys.executable, "-m", "pipeload.cli", "worker", "--join", spec["address"], "--model",
-               spec["model"], "--threads", "1", "--name", f"w{k + 1}", "--join-timeout", "120"]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    procs = [start_worker(prefix, spec["address"], spec["model"], k)
+             for k, prefix in enumerate(spec["worker_prefixes"])]
     try:
         engine = connect_cluster(spec["model"], spec["address"], len(procs), spec["mode"], join_timeout=180,
                                  step_timeout=120)
@@ -135,11 +131,26 @@ def child_cluster(spec: dict) -> dict:
         engine.close()
         return out
     finally:
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        reap(procs, 10)
+
+
+CHILD_ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
+def start_worker(prefix: list[str], address: str, model: str, k: int) -> subprocess.Popen:
+    """`pipeload worker` number k (one thread) joining `address`, its command after `prefix`."""
+    return subprocess.Popen([*prefix, sys.executable, "-m", "pipeload.cli", "worker", "--join", address, "--model",
+                             model, "--threads", "1", "--name", f"w{k + 1}", "--join-timeout", "120"],
+                            env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def reap(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Wait up to `timeout` s for each process to leave (the cluster told them to), else kill it."""
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def child_served(spec: dict) -> dict:
@@ -149,20 +160,17 @@ def child_served(spec: dict) -> dict:
     import httpx
     from concurrent.futures import ThreadPoolExecutor
 
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TORCH_CPP_LOG_LEVEL": "ERROR"}
     procs, cluster_args = [], []
     if spec["nodes"]:
         address = f"127.0.0.1:{free_port()}"
-        for k in range(spec["nodes"]):
-            procs.append(subprocess.Popen([*pin(k), sys.executable, "-m", "pipeload.cli", "worker", "--join", address, "--model",
-                                           spec["model"], "--threads", "1", "--name", f"w{k + 1}", "--join-timeout",
-                                           "120"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs = [start_worker(pin(k), address, spec["model"], k) for k in range(spec["nodes"])]
         cluster_args = ["--cluster", address, "--workers", str(spec["nodes"])]
     port = free_port()
-    server = subprocess.Popen([*(pin(0) if not spec["nodes"] else []), sys.executable, "-m", "pipeload.cli", "serve", f"m={spec['model']}", "--port", str(port),
-                               "--threads", "1", "--max-batch", str(spec["streams"]), "--lanes", str(spec["lanes"]),
-                               "--preload", "--log-level", "warning", *cluster_args], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([*([] if spec["nodes"] else pin(0)), sys.executable, "-m", "pipeload.cli", "serve",
+                               f"m={spec['model']}", "--port", str(port), "--threads", "1", "--max-batch",
+                               str(spec["streams"]), "--lanes", str(spec["lanes"]), "--preload", "--log-level",
+                               "warning", *cluster_args], env=CHILD_ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -191,15 +199,8 @@ def child_served(spec: dict) -> dict:
         return {"tokens_per_second": made / seconds, "tokens": made, "load": load_average()}
     finally:
         server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        reap([server], 60)
+        reap(procs, 20)
 
 
 def served(a, model: Path) -> tuple[list[dict], str]:

@@ -120,7 +120,7 @@ class Coordinator:
         self.link_latency = 0.0
         self.client_seconds = 0.0
         self.allreduce_seconds: float | None = None  # measured by the tensor-parallel ranks
-        self.tp_layer_seconds: float | None = None   # one sharded layer's decode step, all ranks at once
+        self.tp_layer_seconds: float | None = None   # a decode step over the shards per layer, all ranks at once
 
     # -- routing ---------------------------------------------------------------------------------
 

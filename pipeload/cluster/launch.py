@@ -87,29 +87,21 @@ def stage_timings(store, ids: list[int], hellos: dict[int, dict], alone_seconds:
     for the live pipeline, timed by the workers in wall-clock windows: one per worker alone,
     then one for all (only where workers share a host; elsewhere all at once is alone). Workers
     that do not answer are left out."""
-    hosts: dict[str, int] = {}
-    for wid in ids:
-        hosts[hellos[wid].get("host", "")] = hosts.get(hellos[wid].get("host", ""), 0) + 1
-    shared = max(hosts.values(), default=0) > 1
+    shared = len({hellos[wid].get("host", "") for wid in ids}) < len(ids)
     start, gap, windows = time.time() + 1.0, 0.2, []  # heartbeats see the windows within 0.2 s
     for wid in (ids if shared else []):
         windows.append({"start": start, "seconds": alone_seconds, "who": [wid]})
         start += alone_seconds + gap
     windows.append({"start": start, "seconds": together_seconds, "who": list(ids)})
-    set_json(store, "together", windows)
-    out: dict[int, tuple[float, float]] = {}
-    deadline = time.time() + (start + together_seconds - time.time()) + timeout
-    while len(out) < len(ids) and time.time() < deadline:
+    set_json(store, "windows", windows)
+    got: dict[int, list] = {}
+    deadline = start + together_seconds + timeout
+    while len(got) < len(ids) and time.time() < deadline:
         for wid in ids:
-            key = f"together/{wid}"
-            if wid not in out and store.check([key]):
-                got = get_json(store, key)
-                if got and all(got):
-                    out[wid] = (got[0], got[-1])
-                else:
-                    out[wid] = (0.0, 0.0)
+            if wid not in got and store.check([f"windows/{wid}"]):
+                got[wid] = get_json(store, f"windows/{wid}")
         time.sleep(0.05)
-    return {wid: t for wid, t in out.items() if t[0] and t[1]}
+    return {wid: (t[0], t[-1]) for wid, t in got.items() if t and all(t)}
 
 
 def node_spec(wid: int, h: dict) -> NodeSpec:

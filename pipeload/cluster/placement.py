@@ -276,8 +276,8 @@ def predict_tensor_parallel(nodes: list[NodeSpec], cost: ModelCost, link: LinkSp
                             layer_seconds: float | None = None) -> float:
     """Predicted decode tokens/s of tensor parallelism over `nodes`: every rank reads its share of
     each layer (in proportion to its speed), then two all-reduces per layer; a step occupies all
-    ranks, so streams overlap only the coordinator's own work. `layer_seconds`: one sharded layer's
-    step measured on the live ranks (compute and both all-reduces, all ranks at once), else
+    ranks, so streams overlap only the coordinator's own work. `layer_seconds`: a decode step
+    measured on the live ranks, per layer (compute and both all-reduces, all ranks at once), else
     compute from the node speeds plus `allreduce_seconds` (measured, else a ring's 2(N-1)
     latency-bound rounds) twice per layer."""
     speed = sum(n.decode_bandwidth for n in nodes)

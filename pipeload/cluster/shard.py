@@ -230,8 +230,8 @@ class AllReduce:
 
     A decode step's hidden state is a few KB, so an all-reduce costs its message latency, not its
     bytes: every rank sends its part to every other at once and adds the parts in rank order (one
-    latency instead of a ring's 2(N-1); measured on this 2-core host, 8 KB: 2 ranks 243 us vs gloo's
-    477 us, 3 ranks 506 vs 2887 us). The same order on every rank gives every rank the same bits.
+    latency instead of a ring's 2(N-1); `pipeload bench cluster --parts allreduce` times both).
+    The same order on every rank gives every rank the same bits.
     Large tensors (prompt passes) take gloo's ring, which moves fewer bytes."""
 
     EXCHANGE_BYTES = 256 * 1024  # up to this much sent per rank, exchange; above, the ring

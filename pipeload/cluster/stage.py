@@ -9,6 +9,7 @@ machine (runtime/streaming.py).
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,10 +192,13 @@ class StageModel:
     # -- running ---------------------------------------------------------------------------------
 
     def new_cache(self, cache_id: int, batch: int, max_len: int) -> None:
+        self.caches[cache_id] = self._cache(batch, max_len)
+
+    def _cache(self, batch: int, max_len: int) -> StageCache:
+        """A KV cache for this worker's layers (and its share of the key/value heads)."""
         a = self.assignment
         n_kv = a.shard.kv[1] - a.shard.kv[0] if a.shard else self.args.n_kv_heads
-        self.caches[cache_id] = StageCache(a.start, a.stop - a.start, batch, n_kv, self.args.head_dim, max_len,
-                                           self.dtype)
+        return StageCache(a.start, a.stop - a.start, batch, n_kv, self.args.head_dim, max_len, self.dtype)
 
     @torch.inference_mode()
     def forward(self, m: P.Message, payload: torch.Tensor) -> P.Message:
@@ -243,6 +247,26 @@ class StageModel:
         elif m.op == P.MOVE_ROW:
             self.caches[m.cache].move_row(m.aux, m.width, m.row_stop)
 
+    def _scratch_step(self, positions: int, with_head: bool):
+        """A function that runs one one-token decode step of this worker's layers (then the head,
+        if with_head) on a scratch KV cache of `positions` positions and returns its seconds."""
+        a, ex = self.assignment, self.executor
+        cache = self._cache(1, positions)
+        h = torch.full((1, 1, self.args.dim), 0.01, dtype=self.dtype)
+        index = torch.zeros(1, dtype=torch.int64)
+        steps = itertools.count()
+
+        @torch.inference_mode()
+        def step() -> float:
+            pos = torch.tensor([[next(steps) % positions]])
+            t0 = time.perf_counter()
+            out = ex.forward_layers(h, pos, cache, a.start, a.stop)
+            if with_head:
+                ex.head(out, index)
+            return time.perf_counter() - t0
+
+        return step
+
     def time_shard_step(self, repeats: int = 12) -> float | None:
         """Median seconds of one decode step through all of this rank's tensor-parallel layers,
         all-reduces included, per layer. Every rank runs it at the same moment (the all-reduces
@@ -251,21 +275,11 @@ class StageModel:
         a = self.assignment
         if a is None or a.shard is None or self.executor is None:
             return None
-        spec = a.shard
-        cache = StageCache(a.start, a.stop - a.start, 1, spec.kv[1] - spec.kv[0], self.args.head_dim, repeats + 4,
-                           self.dtype)
-        h = torch.full((1, 1, self.args.dim), 0.01, dtype=self.dtype)
+        step = self._scratch_step(repeats + 2, with_head=False)
         r = self.reduce
         counters = r.calls, r.bytes, r.seconds
-        times = []
-        with torch.inference_mode():
-            for k in range(repeats + 2):
-                pos = torch.tensor([[k]])
-                t0 = time.perf_counter()
-                self.executor.forward_layers(h, pos, cache, a.start, a.stop)
-                times.append(time.perf_counter() - t0)
+        times = sorted([step() for _ in range(repeats + 2)][2:])
         r.calls, r.bytes, r.seconds = counters  # the counters are the steps' alone
-        times = sorted(times[2:])
         return times[len(times) // 2] / (a.stop - a.start)
 
     def _calibration_layer(self):
@@ -334,25 +348,15 @@ class StageModel:
         when a single stream keeps one stage busy at a time) and one for all at once (what it
         costs when several streams keep every stage busy and co-hosted stages share the host).
         None for tensor-parallel ranks (they cannot step alone), spares, or a missed window."""
-        a, ex = self.assignment, self.executor
-        if a is None or a.shard is not None or ex is None:
+        a = self.assignment
+        if a is None or a.shard is not None or self.executor is None:
             return None
-        positions = 1024
-        cache = StageCache(a.start, a.stop - a.start, 1, self.args.n_kv_heads, self.args.head_dim, positions,
-                           self.dtype)
-        h = torch.full((1, 1, self.args.dim), 0.01, dtype=self.dtype)
-        index = torch.zeros(1, dtype=torch.int64)
+        step = self._scratch_step(1024, with_head=a.head)
         while time.time() < start:
             time.sleep(min(0.01, max(0.0, start - time.time())))
         times = []
-        with torch.inference_mode():
-            while time.time() < start + seconds:
-                pos = torch.tensor([[len(times) % positions]])
-                t0 = time.perf_counter()
-                out = ex.forward_layers(h, pos, cache, a.start, a.stop)
-                if a.head:
-                    ex.head(out, index)
-                times.append(time.perf_counter() - t0)
+        while time.time() < start + seconds:
+            times.append(step())
         times = sorted(times[1:])
         return times[len(times) // 2] if len(times) >= 3 else None
 

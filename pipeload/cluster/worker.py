@@ -51,7 +51,7 @@ class Worker:
         self.broken_epoch = -1            # the data path failed in this epoch: drop until the next
         self.stop = threading.Event()
         self.new_epoch = threading.Event()
-        self.busy_measured = False      # the coordinator's all-at-once speed window ran
+        self.windows_timed = False      # the coordinator's timing windows (launch.stage_timings) were run
         self.data_thread: threading.Thread | None = None
         self.id = 0
         self.timeout = 60.0
@@ -112,9 +112,9 @@ class Worker:
                     store.set(f"sent/{self.id}", f"{self.channel.bytes_sent} {self.channel.messages_sent} "
                                                  f"{r.calls} {r.bytes} {r.seconds:.6f}")
                     store.set(f"times/{self.id}", " ".join(f"{x:.6f}" for x in self.times))
-                if not self.busy_measured and store.check(["together"]):
-                    self.busy_measured = True
-                    threading.Thread(target=self._busy_calibration, name="pipeload-busy", daemon=True).start()
+                if not self.windows_timed and store.check(["windows"]):
+                    self.windows_timed = True
+                    threading.Thread(target=self._time_windows, name="pipeload-windows", daemon=True).start()
                 if store.check(["shutdown"]):
                     self.stop.set()
                     break
@@ -125,19 +125,19 @@ class Worker:
                 break
             time.sleep(HEARTBEAT)
 
-    def _busy_calibration(self) -> None:
+    def _time_windows(self) -> None:
         """Time this stage's step in the windows the coordinator set that name this worker (see
-        StageModel.window_step_seconds); the answers go to `together/{id}`."""
+        StageModel.window_step_seconds); the answers go to `windows/{id}`."""
         import json
 
         try:
-            windows = json.loads(self.beat_store.get("together").decode())
+            windows = json.loads(self.beat_store.get("windows").decode())
             mine = []
             for w in windows:
                 if self.id in w["who"]:
                     with self.lock:
                         mine.append(self.stage.window_step_seconds(w["start"], w["seconds"]))
-            self.beat_store.set(f"together/{self.id}", json.dumps(mine))
+            self.beat_store.set(f"windows/{self.id}", json.dumps(mine))
         except (RuntimeError, OSError, ValueError):
             pass  # the coordinator goes without these figures
 

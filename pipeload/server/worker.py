@@ -98,14 +98,14 @@ class Worker:
 
         self.conn, self.model = conn, model
         self.tokenizer = model._tokenizer
-        self.lock = threading.Lock()         # lane loads and owners; one message on the pipe at a time
+        self.lock = threading.Lock()         # lane loads and request owners
         self.owner: dict[str, Lane] = {}     # request id -> its lane
         n = max(1, int(options.get("lanes") or getattr(model.engine, "pipeline_depth", 1)))
         per_lane = max(1, -(-options["max_batch"] // n))
         self.lanes = [Lane(self, Scheduler(model.engine, self.tokenizer, max_batch=per_lane,
                                            max_len=options.get("max_len"), exact=options.get("exact", True)), k)
                       for k in range(n)]
-        self.send_lock = threading.Lock()
+        self.send_lock = threading.Lock()    # one message on the pipe at a time (lanes send too)
 
     def info(self) -> dict[str, Any]:
         """What the server shows about this model once it is loaded."""
