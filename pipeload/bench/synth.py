@@ -124,6 +124,7 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: LlamaShape, mix: str = 
     if mix not in MIXES:
         raise ValueError(f"mix must be one of {sorted(MIXES)}")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     shapes, types = tensor_shapes(shape), tensor_types(shape, mix)
     w = GGUFWriter(None, "llama")
