@@ -21,17 +21,6 @@ def builtin_model_path(name: str = "main") -> Path:
     return Path(__file__).parent / "data" / f"pipeload-{name}.gguf"
 
 
-def _load_tokenizer(engine: Engine):
-    ckpt = engine.checkpoint
-    if ckpt.format == "gguf":
-        from .weights.gguf_tokenizer import tokenizer_from_gguf
-
-        return tokenizer_from_gguf(ckpt.config)
-    from .weights.tokenizer import load_hf_tokenizer
-
-    return load_hf_tokenizer(ckpt.path)
-
-
 class PipelineModel:
     """A model ready to generate. Build it with `PipelineModel.from_pretrained(path, ...)`."""
 
@@ -45,8 +34,7 @@ class PipelineModel:
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype: str = "auto",
                         memory_limit: str | int | None = None, prefetch_depth: int = 2, parallel_loading: bool = True,
                         batch_size: int = 1, ctx: int | None = None, io_mode: str = "auto",
-                        threads: int | None = None, device: str = "cpu", cache_dir: str | os.PathLike | None = None,
-                        progress: bool = False, cluster: str | None = None, workers: int = 1,
+                        threads: int | None = None, device: str = "cpu", cluster: str | None = None, workers: int = 1,
                         parallel: str = "pipeline") -> "PipelineModel":
         """Load a GGUF file or Hugging Face folder (None: the built-in model).
 
@@ -75,29 +63,13 @@ class PipelineModel:
                                      DTYPES[dtype], context=ctx, batch=batch_size)
             options = {"dtype": dtype, "batch_size": batch_size, "ctx": ctx, "cluster": cluster, "workers": workers,
                        "parallel": parallel}
-            return cls(engine, _load_tokenizer(engine), options)
-        bar = None
-
-        def on_progress(done: int, total: int) -> None:
-            nonlocal bar
-            if not progress:
-                return
-            if bar is None:
-                from tqdm import tqdm
-
-                bar = tqdm(total=total, desc="building kernel-native cache (once)", unit="layer")
-            bar.n = done
-            bar.refresh()
-
+            return cls(engine, engine.spec.load_tokenizer(), options)
         engine = load_engine(builtin_model_path() if path is None else path, DTYPES[dtype],
                              memory_limit=parse_size(memory_limit), context=ctx, batch=batch_size,
-                             prefetch_depth=prefetch_depth, parallel_loading=parallel_loading, io_mode=io_mode,
-                             cache_dir=None if cache_dir is None else Path(cache_dir), progress=on_progress)
-        if bar is not None:
-            bar.close()
+                             prefetch_depth=prefetch_depth, parallel_loading=parallel_loading, io_mode=io_mode)
         options = {"dtype": dtype, "memory_limit": memory_limit, "prefetch_depth": prefetch_depth,
                    "parallel_loading": parallel_loading, "batch_size": batch_size, "ctx": ctx}
-        return cls(engine, _load_tokenizer(engine), options)
+        return cls(engine, engine.spec.load_tokenizer(), options)
 
     @property
     def plan(self):

@@ -15,8 +15,8 @@ from .errors import PipeloadError
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: float32 for F32 files, else bfloat16 with packed 4/8-bit kernels; "
-                        "float32: everything dequantized (exact, slow, large)")
+                   help="auto: float32 for F32 files, else bfloat16 activations on the weights as stored; "
+                        "float32: every weight dequantized to float32 (the exact reference: slow, large)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -42,7 +42,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .runtime.memory import format_bytes
 
     model = PipelineModel.from_pretrained(a.model, dtype=a.dtype, threads=a.threads, memory_limit=a.memory_limit,
-                                          prefetch_depth=a.prefetch_depth, ctx=a.ctx, progress=True,
+                                          prefetch_depth=a.prefetch_depth, ctx=a.ctx,
                                           cluster=a.cluster, workers=a.workers, parallel=a.parallel)
     sampling = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
@@ -160,22 +160,18 @@ def cmd_plan(a: argparse.Namespace) -> int:
         return cmd_plan_cluster(a)
 
     from .inspect import parameter_count
-    from .runtime.engine import model_args, resolve_dtype
     from .runtime.memory import current_rss, format_bytes, parse_size
     from .runtime.planner import make_plan
     from .runtime.probe import probe
-    from .weights.checkpoint import open_checkpoint
-    from .weights.index import build_index
+    from .runtime.spec import open_model
 
-    ckpt = open_checkpoint(a.model)
-    arch, args = model_args(ckpt)
-    dtype, _ = resolve_dtype(ckpt, None if a.dtype == "auto" else getattr(torch, a.dtype))
-    index = build_index(ckpt, args.n_layers, getattr(arch, "HF_NAME_RULES", None), args.tie_embeddings)
+    spec = open_model(a.model, None if a.dtype == "auto" else getattr(torch, a.dtype))
+    ckpt, args, dtype = spec.checkpoint, spec.args, spec.dtype
     context = min(a.ctx or args.context_length, args.context_length)
-    plan = make_plan(index, args, dtype, parse_size(a.memory_limit), current_rss(), context, a.batch, a.prefetch_depth)
+    plan = make_plan(spec, parse_size(a.memory_limit), current_rss(), context, a.batch, a.prefetch_depth)
     machine = probe(ckpt.path if ckpt.path.is_file() else None)
     disk = max(machine["disk_direct"], machine["disk_buffered"])
-    flops = 2 * parameter_count(index) * a.batch
+    flops = 2 * parameter_count(spec.index) * a.batch
     floors = plan.seconds_per_pass(disk, machine["memory_bandwidth"], flops, machine["matmul_flops_bf16"])
     per_pass = max(floors.values())
     print(f"plan for {ckpt.path.name} ({args.n_layers} layers, {dtype}) under "

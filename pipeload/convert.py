@@ -18,12 +18,10 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from .errors import UnsupportedModelError
 from .quant.mixes import FILE_TYPES, MIXES, UNIFORM, tensor_type
-from .runtime.engine import model_args
-from .runtime.loader import read_group
 from .runtime.memory import peak_rss
-from .weights.checkpoint import open_checkpoint
+from .runtime.spec import open_model
+from .weights.decode import read_decoded
 from .weights.gguf_export import add_value, hf_tokenizer_metadata
-from .weights.index import build_index
 from .weights.io import RangeReader
 
 QUANT_TYPES = {**UNIFORM, **{m: m.upper() for m in MIXES}}  # --quant names (uniform types and mixes)
@@ -79,9 +77,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str = "f16",
         raise UnsupportedModelError(f"unknown --quant {quant!r}; choose from {', '.join(QUANT_TYPES)}")
     encoder = encoder or RoundToNearest()
     out = Path(out)
-    ckpt = open_checkpoint(src)
-    arch, args = model_args(ckpt)
-    index = build_index(ckpt, args.n_layers, getattr(arch, "HF_NAME_RULES", None), args.tie_embeddings)
+    spec = open_model(src)
+    ckpt, arch, args, index = spec.checkpoint, spec.arch, spec.args, spec.index
     write_tied = getattr(arch, "GGUF_WRITES_TIED_OUTPUT", False)
     has_output = not args.tie_embeddings or write_tied
     if types is None:
@@ -129,7 +126,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str = "f16",
         todo = iter(plan)
         with RangeReader() as reader:
             for group in groups:
-                tensors = read_group([group], reader, torch.float32)
+                tensors = read_decoded([group], reader, torch.float32)
                 if group.name == "embed":
                     tensors.update(extra)
                 names = [n for n, _, _ in plan if n in tensors]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 import os
 
-from .runtime.engine import model_args
 from .runtime.memory import format_bytes
-from .weights.checkpoint import open_checkpoint
-from .weights.index import WeightsIndex, build_index
+from .runtime.spec import open_model
+from .weights.index import WeightsIndex
 
 
 def parameter_count(index: WeightsIndex) -> int:
@@ -19,11 +18,9 @@ def parameter_count(index: WeightsIndex) -> int:
 
 def describe(path: str | os.PathLike) -> str:
     """A readable report: architecture, parameter count, settings, and per-layer bytes and types."""
-    ckpt = open_checkpoint(path)
-    arch, args = model_args(ckpt)
-    index = build_index(ckpt, args.n_layers, getattr(arch, "HF_NAME_RULES", None), args.tie_embeddings)
-    has_tokenizer = (any(k.startswith("tokenizer.ggml.") for k in ckpt.config) if ckpt.format == "gguf"
-                     else (ckpt.path / "tokenizer.json").is_file() or (ckpt.path / "tokenizer.model").is_file())
+    spec = open_model(path)
+    ckpt, arch, args, index = spec.checkpoint, spec.arch, spec.args, spec.index
+    has_tokenizer = spec.tokenizer_source != "none"
     n_params = parameter_count(index)
     lines = [
         f"model:         {ckpt.path}",

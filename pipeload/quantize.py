@@ -34,7 +34,7 @@ from .convert import QUANT_TYPES, RoundToNearest, convert, encode_tensor
 from .errors import UnsupportedModelError
 from .quant.gptq import GPTQ_TYPES, SPAN, HessianAccumulator, gptq_quantize, inverse_hessian_factor, output_error
 from .quant.mixes import tensor_type
-from .runtime.loader import put_tensor
+from .runtime.blocks import assign_values, float_weight
 
 CALIBRATED = {"gptq4": "q4_k_m", "gptq4_0": "q4_0", "rtn4": "q4_k_m"}  # method -> mix its types follow
 METHODS = [*CALIBRATED, *QUANT_TYPES]
@@ -69,6 +69,15 @@ def _values(encoded: np.ndarray, gtype: str, shape: tuple[int, ...]) -> torch.Te
     if gtype in ("F32", "F16"):
         return torch.from_numpy(np.ascontiguousarray(encoded)).float().reshape(shape)
     return dequantize(torch.from_numpy(np.ascontiguousarray(encoded)), GGMLQuantizationType[gtype], shape)
+
+
+def _consumer(block: nn.Module, linear_name: str) -> nn.Module:
+    """The module whose forward takes `linear_name`'s input: the Fused group it belongs to
+    (models/common.py: q/k/v, gate/up run as one pass), else the linear itself."""
+    from .models.common import Fused
+
+    linear = block.get_submodule(linear_name)
+    return next((m for m in block.modules() if isinstance(m, Fused) and any(p is linear for p in m.parts)), linear)
 
 
 class _StopForward(Exception):
@@ -122,16 +131,11 @@ class GPTQEncoder:
         return self._encode_head(tensors, types)
 
     def _assign(self, module: nn.Module, values: dict[str, torch.Tensor], prefix: str) -> None:
-        for name, value in values.items():
-            local = name[len(prefix):]
-            if local.startswith("rope_freqs"):
-                module.rope_freqs = value.float()
-                continue
-            put_tensor(module, local, value)
+        assign_values(module, values, prefix, torch.float32)
 
     def _encode_block(self, i: int, tensors, types) -> dict[str, np.ndarray]:
         prefix = f"blk.{i}."
-        block = self.model.new_block(i)
+        block = self.arch.Block(self.args, i)
         gptq_names = [n for n, t in tensors.items() if self._gptq_able(n, t, types)]
         plain = {n: t for n, t in tensors.items() if n not in gptq_names}
         encoded, values = self._rtn(plain, types)
@@ -146,11 +150,18 @@ class GPTQEncoder:
 
     def _stages(self, block: nn.Module, prefix: str, names: list[str]) -> list[list[str]]:
         """The GPTQ matrices grouped by shared input, in the order the block runs them."""
-        modules = {n: block.get_submodule(n[len(prefix):].rpartition(".")[0]) for n in names}
+        consumers: dict[nn.Module, list[str]] = {}  # the module that takes each matrix's input
+        for n in names:
+            consumers.setdefault(_consumer(block, n[len(prefix):].rpartition(".")[0]), []).append(n)
+        for m, ns in consumers.items():  # a fused pass computes its parts in their order (q, k, v)
+            parts = getattr(m, "parts", [m])
+            ns.sort(key=lambda n: [p is block.get_submodule(n[len(prefix):].rpartition(".")[0]) for p in parts].index(True))
         calls: list[tuple[str, int, tuple]] = []
-        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.append((n, args[0].data_ptr(),
-                                                                                   tuple(args[0].shape))))
-                 for n, m in modules.items()]
+
+        def record(names_in):
+            return lambda mod, args: calls.extend((n, args[0].data_ptr(), tuple(args[0].shape)) for n in names_in)
+
+        hooks = [m.register_forward_pre_hook(record(ns)) for m, ns in consumers.items()]
         try:
             x = self.h[:1]
             block(x, self._step(1), None)
@@ -188,7 +199,7 @@ class GPTQEncoder:
         return acc.H
 
     def _quantize_stage(self, block, prefix, stage, tensors, types) -> dict[str, np.ndarray]:
-        first = block.get_submodule(stage[0][len(prefix):].rpartition(".")[0])
+        first = _consumer(block, stage[0][len(prefix):].rpartition(".")[0])
         k = tensors[stage[0]].shape[1]
         H = self._collect_hessian(lambda x: block(x, self._step(x.shape[0]), None), first, k)
         return self._gptq(block, prefix, stage, tensors, types, H)
@@ -203,7 +214,7 @@ class GPTQEncoder:
             self.layers.append({"name": name, "type": types[name], "gptq_error": result.error,
                                 "rtn_error": output_error(W, rtn, H)})
             owner = module.get_submodule(name[len(prefix):].rpartition(".")[0])
-            owner.weight = nn.Parameter(result.values, requires_grad=False)
+            owner.weight = float_weight(result.values.float())
             out[name] = result.packed
         return out
 
@@ -219,16 +230,6 @@ class GPTQEncoder:
         return encoded
 
 
-def _tokenizer_of(ckpt):
-    if ckpt.format == "gguf":
-        from .weights.gguf_tokenizer import tokenizer_from_gguf
-
-        return tokenizer_from_gguf(ckpt.config)
-    from .weights.tokenizer import load_hf_tokenizer
-
-    return load_hf_tokenizer(ckpt.path)
-
-
 def quantize_model(src: str | os.PathLike, out: str | os.PathLike, method: str = "gptq4", calibration_data=None,
                    tokenizer=None, n_samples: int = 64, seq_len: int = 256, damp: float = 0.01, batch: int = 8,
                    act_order: bool = True, progress: Callable[[int, int], None] | None = None,
@@ -239,9 +240,8 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, method: str =
     which n_samples windows of seq_len tokens are used; act_order: see quant.gptq.gptq_quantize;
     tokenizer: the model's (loaded from `src` when None and the method needs calibration).
     Raises UnsupportedModelError for an unknown method."""
-    from .runtime.engine import model_args
     from .runtime.memory import peak_rss
-    from .weights.checkpoint import open_checkpoint
+    from .runtime.spec import open_model
 
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -250,8 +250,8 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, method: str =
         report = convert(src, out, quant=method, progress=progress)
         return QuantizeReport(path=report.path, method=method, bytes_written=report.bytes_written,
                               seconds=time.perf_counter() - t0, peak_rss=report.peak_rss)
-    ckpt = open_checkpoint(src)
-    arch, args = model_args(ckpt)
+    spec = open_model(src)
+    arch, args = spec.arch, spec.args
     has_output = not args.tie_embeddings or getattr(arch, "GGUF_WRITES_TIED_OUTPUT", False)
     use_gptq = method != "rtn4"
     tokens = torch.zeros(1, 1, dtype=torch.long)
@@ -259,7 +259,7 @@ def quantize_model(src: str | os.PathLike, out: str | os.PathLike, method: str =
         from .quant.calibration import calibration_tokens
 
         if tokenizer is None and not isinstance(calibration_data, torch.Tensor):
-            tokenizer = _tokenizer_of(ckpt)
+            tokenizer = spec.load_tokenizer()
         tokens = calibration_tokens(calibration_data, tokenizer, n_samples, min(seq_len, args.context_length))
         if int(tokens.max()) >= args.vocab_size:
             raise ValueError(f"calibration token id {int(tokens.max())} is outside the vocabulary ({args.vocab_size})")

@@ -50,9 +50,8 @@ def connect(model, n: int, parallel: str = "pipeline", port: int | None = None, 
     """A PipelineModel on a cluster of n workers joining 127.0.0.1:port (use inside `workers(...)`);
     every wait is bounded."""
     from pipeload import PipelineModel
-    from pipeload.api import _load_tokenizer
     from pipeload.cluster.launch import connect_cluster
 
     kw = {"step_timeout": 30.0, "load_timeout": 60.0, **kw}
     engine = connect_cluster(model, f"127.0.0.1:{port}", n, parallel, join_timeout=join_timeout, **kw)
-    return PipelineModel(engine, _load_tokenizer(engine), {"cluster": port})
+    return PipelineModel(engine, engine.spec.load_tokenizer(), {"cluster": port})

@@ -79,8 +79,7 @@ def test_proportional_split_uneven():
 
 
 def test_stage_streams_layers_beyond_its_budget(tmp_path, monkeypatch):
-    """A stage given more layers than its memory holds streams the rest through the kernel-native
-    cache (as a survivor does after taking over a dead node's layers) with the same results."""
+    """A stage given more layers than its memory holds streams the rest from the file (as a survivor does after taking over a dead node's layers) with the same results."""
     import torch
 
     from pipeload.bench.synth import LlamaShape, write_synthetic_gguf
@@ -93,12 +92,12 @@ def test_stage_streams_layers_beyond_its_budget(tmp_path, monkeypatch):
     path = write_synthetic_gguf(tmp_path / "m.gguf", shape, "q4_0", seed=4)
     whole = StageModel(path)
     whole.assign(Assignment(0, 8, True, True), 64, 1)
-    _, spans, _ = group_sizes(whole.index, whole.dtype)
+    _, spans, _, _ = group_sizes(whole.spec)
     layer = spans["blk.0"]
     monkeypatch.setattr("pipeload.runtime.memory.current_rss", lambda: 0)
     # room for the ring (3 layers) and 2 resident layers: 6 of the 8 layers stream
     kv = stage_mod.KVCache.bytes_needed(8, 1, 2, 64, 64, whole.dtype)
-    part = StageModel(path, memory_limit=stage_mod.MARGIN + kv + 5 * layer + layer // 2, cache_dir=tmp_path / "cache")
+    part = StageModel(path, memory_limit=stage_mod.MARGIN + kv + 5 * layer + layer // 2)
     figures = part.assign(Assignment(0, 8, True, True), 64, 1)
     assert figures["streamed"] == 6 and figures["loaded"] == 2, figures
     tokens, positions = torch.tensor([[5, 9, 100, 7]]), torch.arange(4)[None]

@@ -1,28 +1,50 @@
-"""The compiled kernels (quant/kernels.c) against torch references, and merged (fused) linears."""
+"""The compiled kernels of the old packed layouts (quant/kernels.c) against torch references.
+
+Nothing in the runtime calls these kernels any more (it computes on GGUF blocks through
+quant/ops.py); they stay tested until quant/kernels.c and ckernels.py are replaced."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from pipeload.quant import ckernels
-from pipeload.quant.linear import Int4Linear, Int8Linear, Linear, concat_linears, pack_int4
 
 needs_c = pytest.mark.skipif(not ckernels.available(), reason=f"no C kernels here: {ckernels.failure()}")
+INT4_TILE_N = 64  # rows per tile of the CPU int4pack layout
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] in the CPU kernel's layout for integer weights q in 0..15 of shape [N, K]."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of pack_int4 (N a multiple of 64): rows i (low nibble) and i + 32 (high) per k."""
+    tiles = packed.reshape(n // INT4_TILE_N, k, INT4_TILE_N // 2)  # (N/64, K, 32)
+    return torch.cat((tiles & 15, tiles >> 4), dim=2).transpose(1, 2).reshape(n, k)
 
 
 def _int4(n, k, seed=0):
     g = torch.Generator().manual_seed(seed)
-    m = Int4Linear(k, n)
-    m.qweight = pack_int4(torch.randint(0, 16, (n, k), generator=g))
-    m.scales_zeros = (torch.randn(k // 32, n, 2, generator=g) * 0.02).bfloat16()
+    m = SimpleNamespace(qweight=pack_int4(torch.randint(0, 16, (n, k), generator=g)),
+                        scales_zeros=(torch.randn(k // 32, n, 2, generator=g) * 0.02).bfloat16())
+    m.dequantized = lambda: _dequantized_int4(m, n, k)
     return m
+
+
+def _dequantized_int4(m, n, k):
+    q = unpack_int4(m.qweight, n, k).view(n, -1, 32).to(torch.bfloat16)
+    sz = m.scales_zeros.transpose(0, 1)  # (N, K/32, 2)
+    return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(n, k)
 
 
 def _int8(n, k, seed=0):
     g = torch.Generator().manual_seed(seed)
-    m = Int8Linear(k, n)
-    m.qweight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    m.scales = (torch.rand(n, generator=g) * 0.01).bfloat16()
-    return m
+    qweight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = (torch.rand(n, generator=g) * 0.01).bfloat16()
+    return SimpleNamespace(qweight=qweight, scales=scales,
+                           dequantized=lambda: qweight.to(torch.bfloat16) * scales[:, None])
 
 
 def _quantized_activations(x):
@@ -37,8 +59,6 @@ def _quantized_activations(x):
 @pytest.mark.parametrize("n,k", [(64, 32), (192, 256), (128, 96)])
 def test_unpack_int4_is_bit_exact(n, k):
     m = _int4(n, k)
-    from pipeload.quant.linear import unpack_int4
-
     q = unpack_int4(m.qweight, n, k).view(n, -1, 32).to(torch.bfloat16)
     sz = m.scales_zeros.transpose(0, 1)  # (N, K/32, 2)
     expected = ((q - 8) * sz[..., :1] + sz[..., 1:]).view(n, k)  # torch's bf16 arithmetic
@@ -51,8 +71,6 @@ def test_unpack_int4_is_bit_exact(n, k):
 def test_decode_kernels_match_their_definition(rows):
     """int8 activations in blocks of 32 (as llama.cpp's Q8_0), integer dot products per block:
     float64 references of the same math, and of the exact product."""
-    from pipeload.quant.linear import unpack_int4
-
     torch.manual_seed(rows)
     x = torch.randn(rows, 256).bfloat16()
     xdq, xs = _quantized_activations(x)  # (rows, K), (rows, K/32)
@@ -87,58 +105,6 @@ def test_decode_kernels_do_not_depend_on_threads_or_other_rows():
     # each row gets the bits it gets alone (batched decode stays exact)
     alone = ckernels.gemv_int4(x[2:3], m4.qweight, m4.scales_zeros)
     assert torch.equal(alone, outs[0][0][2:3])
-
-
-@pytest.mark.parametrize("kind", ["int4", "int8", "bf16", "f32"])
-def test_concat_linears_keeps_every_output(kind):
-    g = torch.Generator().manual_seed(1)
-    if kind == "int4":
-        parts = [_int4(n, 256, seed=n) for n in (128, 64, 64)]
-    elif kind == "int8":
-        parts = [_int8(n, 256, seed=n) for n in (128, 64, 64)]
-    else:
-        dtype = torch.bfloat16 if kind == "bf16" else torch.float32
-        parts = []
-        for n in (128, 64, 64):
-            p = Linear(256, n, bias=True)
-            p.weight = torch.nn.Parameter(torch.randn(n, 256, generator=g).to(dtype), requires_grad=False)
-            p.bias = torch.nn.Parameter(torch.randn(n, generator=g).to(dtype), requires_grad=False)
-            parts.append(p)
-    fused = concat_linears(parts)
-    assert fused is not None and fused.out_features == 256
-    for rows in (1, 3, 40):  # packed kernels, and the unpack + GEMM path for many rows
-        x = torch.randn(rows, 256, generator=g)
-        expected = torch.cat([p(x) for p in parts], dim=-1)
-        assert torch.equal(fused(x), expected), (kind, rows)
-
-
-def test_concat_linears_refuses_mixed_formats():
-    assert concat_linears([_int4(64, 256), _int8(64, 256)]) is None
-    assert concat_linears([_int4(64, 256), _int4(64, 512)]) is None
-
-
-def test_fused_block_computes_what_the_plain_block_does(tiny):
-    """A resident block merges q/k/v and gate/up at load; the outputs are those of the plain block."""
-    from pipeload.runtime.engine import load_engine
-
-    _, _, gguf = tiny("llama3")
-    engine = load_engine(gguf)
-    block = engine.executor.layers.blocks[0]
-    assert block.attn_qkv is not None and block.ffn_gate_up is not None
-    plain = engine.model.new_block(0)
-    sd = {}
-    a = engine.args
-    q, k, v = block.attn_qkv.weight.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim,
-                                           a.n_kv_heads * a.head_dim])
-    gate, up = block.ffn_gate_up.weight.chunk(2)
-    sd.update({"attn_q.weight": q, "attn_k.weight": k, "attn_v.weight": v, "ffn_gate.weight": gate,
-               "ffn_up.weight": up})
-    sd.update({n: p for n, p in block.named_parameters() if not n.startswith(("attn_qkv", "ffn_gate_up"))})
-    plain.load_state_dict(sd, assign=True)
-    x = torch.randn(1, 5, a.dim)
-    pos = torch.arange(5)[None]
-    step = engine.model.step_inputs(pos, None)
-    assert torch.allclose(block(x, step, None), plain(x, step, None), atol=1e-6, rtol=1e-5)
 
 
 @needs_c

@@ -90,11 +90,11 @@ def small_llama(tmp_path_factory):
 def test_convert_q4_k_m_writes_the_mix(small_llama):
     from pipeload.convert import convert
     from pipeload.runtime.engine import load_engine
-    from pipeload.weights.checkpoint import open_checkpoint
+    from pipeload.runtime.spec import open_model
 
     path = small_llama / "q4_k_m.gguf"
     convert(small_llama / "hf", path, quant="q4_k_m")
-    ckpt = open_checkpoint(path)
+    ckpt = open_model(path).checkpoint
     types = {name: t.dtype for name, t in ckpt.tensors.items()}
     assert ckpt.config["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K"
@@ -116,12 +116,13 @@ def test_convert_q4_k_m_writes_the_mix(small_llama):
 
 def test_calibrated_quantization_writes_loadable_4bit(small_llama):
     from pipeload.quantize import quantize_model
+    from pipeload.models.common import Linear
     from pipeload.runtime.engine import load_engine
-    from pipeload.weights.checkpoint import open_checkpoint
+    from pipeload.runtime.spec import open_model
 
     tokens = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(3))
     report = quantize_model(small_llama / "hf", small_llama / "gptq4.gguf", method="gptq4", calibration_data=tokens)
-    types = {name: t.dtype for name, t in open_checkpoint(report.path).tensors.items()}
+    types = {name: t.dtype for name, t in open_model(report.path).checkpoint.tensors.items()}
     assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.2.attn_v.weight"] == "Q6_K"
     assert types["output.weight"] == "Q6_K"
     # every 4-bit block matrix went through GPTQ, in the order the block runs them
@@ -132,8 +133,8 @@ def test_calibrated_quantization_writes_loadable_4bit(small_llama):
     mean = {k: sum(layer[k] for layer in report.layers) / len(names) for k in ("gptq_error", "rtn_error")}
     assert mean["gptq_error"] < mean["rtn_error"]
     engine = load_engine(report.path)
-    kinds = {type(m).__name__ for m in engine.executor.layers.blocks[0].modules()}
-    assert "Int4Linear" in kinds  # the calibrated blocks run on the packed 4-bit kernel
+    kinds = {m.weight.qtype.name for m in engine.executor.layers.blocks[0].modules() if isinstance(m, Linear)}
+    assert "Q4_K" in kinds  # the calibrated blocks run on their Q4_K blocks as stored
     logits = engine.executor.forward(tokens[:1, :8], torch.arange(8)[None], None)
     assert torch.isfinite(logits).all()
 

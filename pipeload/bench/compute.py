@@ -123,9 +123,9 @@ def model_file(shape: str, mix: str) -> Path:
     """The synthetic GGUF for (shape, mix) in the bench cache, written if absent."""
     path = default_cache() / f"{shape}-{mix}.gguf"
     if path.exists():
-        from ..weights.checkpoint import open_checkpoint
+        from ..runtime.spec import open_model
 
-        if "llama.vocab_size" not in open_checkpoint(path).config:  # written before llama.cpp could read it
+        if "llama.vocab_size" not in open_model(path).checkpoint.config:  # written before llama.cpp could read it
             path.unlink()
     if not path.exists():
         print(f"[compute] writing {path} ...", flush=True)
@@ -135,9 +135,9 @@ def model_file(shape: str, mix: str) -> Path:
 
 def gguf_read_bytes(path: Path) -> int:
     """Bytes llama.cpp reads per generated token: every tensor except the embedding table."""
-    from ..weights.checkpoint import open_checkpoint
+    from ..runtime.spec import open_model
 
-    return sum(t.nbytes for name, t in open_checkpoint(path).tensors.items() if name != "token_embd.weight")
+    return sum(t.nbytes for name, t in open_model(path).checkpoint.tensors.items() if name != "token_embd.weight")
 
 
 def run(args: argparse.Namespace) -> int:

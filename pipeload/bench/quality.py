@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=512, help="window (default 512)")
     p.add_argument("--stride", type=int, default=256, help="window advance (default 256)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    p.add_argument("--runtime", choices=["both", "exact", "native"], default="both",
-                   help="exact: float32 dequantized weights; native: pipeload's default kernels (default both)")
+    p.add_argument("--runtime", choices=["both", "exact", "default"], default="both",
+                   help="exact: float32 dequantized weights; default: the stored blocks, bf16 activations (default both)")
 
 
 def _held_out(args) -> str:
@@ -52,14 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from ..perplexity import compare
     from ..quantize import quantize_model
     from ..runtime.engine import load_engine
-    from ..weights.checkpoint import open_checkpoint
-    from ..weights.gguf_tokenizer import tokenizer_from_gguf
+    from ..runtime.spec import open_model
 
     src = Path(args.model) if args.model else builtin_model_path()
     methods = [m for m in args.methods.split(",") if m]
     folder = default_cache() / "quality" / src.stem
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer_from_gguf(open_checkpoint(src).config)
+    src_spec = open_model(src)
+    tokenizer = src_spec.load_tokenizer()
     files, reports = {}, {}
     for method in methods:
         if method == "f16":
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     ids = tokenizer.encode(_held_out(args))[:args.max_tokens]
     text_bytes = sum(len(tokenizer.token_bytes(t)) for t in ids[1:] if t not in
                      {tokenizer.bos_token_id, *tokenizer.eos_token_ids})
-    runtimes = {"both": ["exact", "native"], "exact": ["exact"], "native": ["native"]}[args.runtime]
+    runtimes = {"both": ["exact", "default"], "exact": ["exact"], "default": ["default"]}[args.runtime]
     results: dict[str, dict] = {m: {"file": str(files[m]), "bytes": files[m].stat().st_size, **reports.get(m, {})}
                                 for m in methods}
     base = load_engine(src, dtype=torch.float32)
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         for m, s in scores.items():
             s["bits_per_byte"] = s["nll_sum"] / math.log(2) / text_bytes
             results[m][runtime] = s
-    n_params = sum(_numel(t.shape) for t in open_checkpoint(src).tensors.values())
+    n_params = sum(_numel(t.shape) for t in src_spec.checkpoint.tensors.values())
     headers = ["method", "MB", "bits/weight"]
     for runtime in runtimes:
         headers += [f"ppl ({runtime})", f"bits/byte ({runtime})", f"KL vs f16 ({runtime})", f"same top ({runtime})"]

@@ -29,11 +29,11 @@ import pipeload
 from pipeload import PipelineModel
 from pipeload.runtime.memory import peak_rss
 from pipeload.inspect import parameter_count
-path, budget, batch, tokens, ctx, cache, prompt_len = sys.argv[1:8]
+path, budget, batch, tokens, ctx, prompt_len = sys.argv[1:7]
 budget = None if budget == "none" else int(budget)
 batch, tokens, ctx, prompt_len = int(batch), int(tokens), int(ctx), int(prompt_len)
 t0 = time.perf_counter()
-m = PipelineModel.from_pretrained(path, memory_limit=budget, batch_size=batch, ctx=ctx, cache_dir=cache)
+m = PipelineModel.from_pretrained(path, memory_limit=budget, batch_size=batch, ctx=ctx)
 load_s = time.perf_counter() - t0
 layers = m.engine.executor.layers
 streamed = hasattr(layers, "measure_cold_read") and bool(layers.order)
@@ -137,7 +137,7 @@ def _measure(args, path: Path, budget, batch: int, tokens: int) -> dict:
     runs = []
     for _ in range(args.repeats):
         runs.append(run_child(_RUN, path, budget if budget is not None else "none", batch, tokens, args.ctx,
-                              Path(args.cache) / "native", args.prompt))
+                              args.prompt))
     best = {**runs[0], **machine(), "_tokens": tokens}
     for key in ("tokens_per_s", "prompt_tps", "disk_bw", "peak_rss", "bytes_read"):
         best[key] = median([r[key] for r in runs])
@@ -261,8 +261,8 @@ import json, sys
 import pipeload
 from pipeload import PipelineModel
 from pipeload.runtime.memory import peak_rss, current_rss
-path, budget, cache, n_prompts, tokens, batch, ctx = sys.argv[1:8]
-m = PipelineModel.from_pretrained(path, memory_limit=int(budget), batch_size=int(batch), ctx=int(ctx), cache_dir=cache)
+path, budget, n_prompts, tokens, batch, ctx = sys.argv[1:7]
+m = PipelineModel.from_pretrained(path, memory_limit=int(budget), batch_size=int(batch), ctx=int(ctx))
 peaks, done = [], 0
 prompts = [[(31 * p + 7 * i) % 3000 + 5 for i in range(8 + p % 13)] for p in range(int(n_prompts))]
 for s in range(0, len(prompts), int(batch)):
@@ -273,7 +273,7 @@ for s in range(0, len(prompts), int(batch)):
     peaks.append(peak_rss())
 print(json.dumps({"completed": done, "peaks": peaks, "final_rss": current_rss()}))
 """
-    r = run_child(code, path, args.batch_budget, Path(args.cache) / "native", args.soak_prompts, args.soak_tokens,
+    r = run_child(code, path, args.batch_budget, args.soak_prompts, args.soak_tokens,
                   args.soak_batch, args.ctx, timeout=4 * 3600)
     peaks = r["peaks"]
     table = markdown_table(["prompts", "tokens each", "completed", "peak RSS after first batch GB", "peak RSS at end GB",

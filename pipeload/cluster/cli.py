@@ -94,20 +94,16 @@ def load_nodes(path: str | Path):
 def cmd_plan_cluster(a: argparse.Namespace) -> int:
     import torch
 
-    from ..runtime.engine import model_args, resolve_dtype
     from ..runtime.memory import format_bytes
-    from ..weights.checkpoint import open_checkpoint
-    from ..weights.index import build_index
+    from ..runtime.spec import open_model
     from .launch import model_cost
     from .placement import host_limits, place_pipeline, predict_tensor_parallel
 
-    ckpt = open_checkpoint(a.model)
-    arch, args = model_args(ckpt)
-    dtype, _ = resolve_dtype(ckpt, None if a.dtype == "auto" else getattr(torch, a.dtype))
-    index = build_index(ckpt, args.n_layers, getattr(arch, "HF_NAME_RULES", None), args.tie_embeddings)
+    spec = open_model(a.model, None if a.dtype == "auto" else getattr(torch, a.dtype))
+    ckpt, args = spec.checkpoint, spec.args
     context = min(a.ctx or args.context_length, args.context_length)
     nodes, link = load_nodes(a.cluster)
-    cost = model_cost(index, args, dtype)
+    cost = model_cost(spec)
     placement = place_pipeline(nodes, cost, link, context, a.batch, every_node=False)
     print(f"pipeline plan for {ckpt.path.name} ({args.n_layers} layers, {format_bytes(sum(cost.layer_bytes))} "
           f"+ head {format_bytes(cost.head_bytes)}) over {len(nodes)} nodes, link {link.latency * 1e6:.0f} us, "

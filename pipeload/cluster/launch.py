@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from ..runtime.engine import model_args, resolve_dtype
 from ..runtime.executor import PREFILL_CHUNK
 from ..runtime.kv_cache import KVCache
-from ..weights.checkpoint import Checkpoint, open_checkpoint
-from ..weights.index import WeightsIndex, build_index
+from ..runtime.spec import ModelSpec, open_model
+from ..weights.checkpoint import Checkpoint
+from ..weights.index import WeightsIndex
 from .coordinator import Coordinator, RemoteCache
 from .placement import (LinkSpec, ModelCost, NodeSpec, Placement, even_out_host_peers, host_limits, place_pipeline,
                         predict_tensor_parallel, replan_without)
@@ -33,11 +33,12 @@ MODES = ("pipeline", "tensor")
 RUNTIME_BYTES = 400 << 20  # a worker process before weights (Python, torch): kept out of its node's memory
 
 
-def model_cost(index: WeightsIndex, args, dtype: torch.dtype) -> ModelCost:
-    """Per-layer bytes in the kernels' format and the bytes a token puts on the wire."""
+def model_cost(spec: ModelSpec) -> ModelCost:
+    """Per-layer bytes (the file's, as computed on) and the bytes a token puts on the wire."""
     from ..runtime.planner import group_sizes
 
-    _, spans, _ = group_sizes(index, dtype)
+    args, dtype = spec.args, spec.dtype
+    _, spans, _, _ = group_sizes(spec)
     size = torch.empty(0, dtype=dtype).element_size()
     n_kv = getattr(args, "n_kv_heads", getattr(args, "n_heads", 1))
     head_dim = getattr(args, "head_dim", args.dim // max(1, getattr(args, "n_heads", 1)))
@@ -133,18 +134,34 @@ class ClusterExecutor:
 class ClusterEngine:
     """An Engine whose layers run on the workers of a cluster (see runtime/engine.py)."""
 
-    checkpoint: Checkpoint
-    arch: ModuleType
-    args: Any
-    index: WeightsIndex
+    spec: ModelSpec
     executor: ClusterExecutor
-    dtype: torch.dtype
     coordinator: Coordinator
     summary: dict
     context: int = 0
     plan: Any = None
     io_mode: str | None = None
     model: Any = None
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return self.spec.checkpoint
+
+    @property
+    def arch(self) -> ModuleType:
+        return self.spec.arch
+
+    @property
+    def args(self) -> Any:
+        return self.spec.args
+
+    @property
+    def index(self) -> WeightsIndex:
+        return self.spec.index
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.spec.dtype
 
     @property
     def context_length(self) -> int:
@@ -216,9 +233,8 @@ class _Planner:
     """Makes the plan of every epoch: the first from the workers' figures, the next ones from
     the previous placement without the dead workers."""
 
-    def __init__(self, mode, args, index, native, cost, nodes, link, context, batch, step_timeout, world_size,
-                 rank_of):
-        self.mode, self.args, self.index, self.native, self.cost = mode, args, index, native, cost
+    def __init__(self, mode, args, index, cost, nodes, link, context, batch, step_timeout, world_size, rank_of):
+        self.mode, self.args, self.index, self.cost = mode, args, index, cost
         self.nodes, self.link, self.context, self.batch = nodes, link, context, batch
         self.step_timeout, self.world_size, self.rank_of = step_timeout, world_size, rank_of
         self.placement: Placement | None = None
@@ -243,7 +259,7 @@ class _Planner:
         else:
             from .shard import make_shards
 
-            shards = make_shards(self.args, self.index, self.native, [n.decode_bandwidth for n in nodes])
+            shards = make_shards(self.args, self.index, [n.decode_bandwidth for n in nodes])
             assignments = {str(i): Assignment(0, self.args.n_layers, True, True, sh).as_dict()
                            for i, sh in zip(ids, shards)}
             extra = {"tp_ranks": [self.rank_of[i] for i in ids]}
@@ -287,10 +303,8 @@ def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "p
         raise ValueError(f"cluster mode must be one of {MODES}, got {mode!r}")
     if workers < 1:
         raise ValueError(f"a cluster needs at least one worker, got {workers}")
-    ckpt = open_checkpoint(path)
-    arch, args = model_args(ckpt)
-    dtype, native = resolve_dtype(ckpt, dtype)
-    index = build_index(ckpt, args.n_layers, getattr(arch, "HF_NAME_RULES", None), args.tie_embeddings)
+    spec = open_model(path, dtype)
+    ckpt, args, index, dtype = spec.checkpoint, spec.args, spec.index, spec.dtype
     context = min(context or args.context_length, args.context_length)
     fp = fingerprint(ckpt.path)
     host, port = parse_address(address)
@@ -302,10 +316,9 @@ def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "p
     ids = sorted(hellos)
     rank_of = {wid: r + 1 for r, wid in enumerate(ids)}
     nodes = dict(zip(ids, even_out_host_peers([node_spec(wid, hellos[wid]) for wid in ids])))
-    cost = model_cost(index, args, dtype)
+    cost = model_cost(spec)
     link = link or LinkSpec()
-    planner = _Planner(mode, args, index, native, cost, nodes, link, context, batch, step_timeout, len(ids) + 1,
-                       rank_of)
+    planner = _Planner(mode, args, index, cost, nodes, link, context, batch, step_timeout, len(ids) + 1, rank_of)
     planner.names, planner.dtype = {wid: h["name"] for wid, h in hellos.items()}, dtype
     coord = Coordinator(store, monitor_store, planner, {wid: h for wid, h in hellos.items()}, mode, fp,
                         step_timeout, load_timeout)
@@ -324,5 +337,4 @@ def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "p
                "calibration": {h["name"]: {k: h[k] for k in ("layer_seconds", "step_overhead")}
                                for h in hellos.values()}}
     executor = ClusterExecutor(coord, args.n_layers)
-    return ClusterEngine(checkpoint=ckpt, arch=arch, args=args, index=index, executor=executor, dtype=dtype,
-                         coordinator=coord, summary=summary, context=context)
+    return ClusterEngine(spec=spec, executor=executor, coordinator=coord, summary=summary, context=context)

@@ -17,21 +17,25 @@ import torch
 
 
 def decode_bandwidth(n: int = 8192, repeats: int = 7) -> float:
-    """Bytes/s of packed int4 weights through the decode kernel (one token times an n x n matrix)."""
-    from ..quant.linear import Int4Linear, pack_int4
+    """Bytes/s of Q4_0 weights (GGUF blocks as stored) through ops.linear for one token times an
+    n x n matrix: what bounds decode tokens/s on this node."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-    m = Int4Linear(n, n, 32)
-    m.qweight = pack_int4(torch.randint(0, 16, (n, n), dtype=torch.uint8))
-    m.scales_zeros = torch.rand(n // 32, n, 2).to(torch.bfloat16)
+    from ..quant import ops
+
+    block, size = GGML_QUANT_SIZES[T.Q4_0]
+    blocks = torch.randint(0, 256, (n, n // block * size), dtype=torch.uint8)
+    blocks.view(n, -1, size)[:, :, 1] = 0x20  # each block's f16 scale small and finite (about 0.008)
+    blocks.view(n, -1, size)[:, :, 0] = 0
+    w = ops.GGMLWeight(T.Q4_0, (n, n), blocks)
     x = torch.randn(1, n).to(torch.bfloat16)
-    m(x)
+    ops.linear(x, w)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        m(x)
+        ops.linear(x, w)
         times.append(time.perf_counter() - t0)
-    nbytes = m.qweight.numel() + m.scales_zeros.numel() * 2
-    return nbytes / sorted(times)[repeats // 2]
+    return w.nbytes / sorted(times)[repeats // 2]
 
 
 def probe_node(model: str | None = None, watts: float | None = None, price: float | None = None,
@@ -58,7 +62,7 @@ def probe_node(model: str | None = None, watts: float | None = None, price: floa
         cal = stage.calibrate()
         from ..runtime.planner import group_sizes
 
-        _, spans, _ = group_sizes(stage.index, stage.dtype)
+        _, spans, _, _ = group_sizes(stage.spec)
         weights = sum(spans.values())
         fits = weights < out["free_memory"]
         per_token = weights / cal["decode_bandwidth"]

@@ -1,10 +1,10 @@
 """The part of the model one worker runs: a range of layers (pipeline) or a shard of every layer
 (tensor parallel), its KV caches, and what it does with each message.
 
-Layers are read from the worker's own copy of the model file. When a new plan gives a worker a
-different range (after a failure), it keeps the blocks it already holds and reads only the new
-ones; what does not fit its memory budget streams through the kernel-native cache, as on one
-machine (runtime/streaming.py).
+Layers are read from the worker's own copy of the model file and built by the one block
+builder (runtime/blocks.py), as on one machine. When a new plan gives a worker a different range
+(after a failure), it keeps the blocks it already holds and reads only the new ones; what does
+not fit its memory budget streams from the file through the prefetch ring (runtime/streaming.py).
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ import torch
 from torch import nn
 
 from ..errors import MemoryBudgetError
-from ..runtime.engine import model_args, resolve_dtype
+from ..runtime.blocks import build_block, build_outer
+from ..runtime.engine import load_layers
 from ..runtime.executor import Executor, ResidentLayers
 from ..runtime.kv_cache import KVCache, LayerView
-from ..runtime.loader import _set_module, attach_weights, read_raw
-from ..weights.checkpoint import open_checkpoint
-from ..weights.index import build_index
+from ..runtime.spec import open_model
 from ..weights.io import RangeReader
+from ..weights.layout import group_layouts
 from . import protocol as P
-from .shard import AllReduce, ShardBlock, ShardSpec, apply_shard, local_args, shard_head
+from .shard import AllReduce, ShardBlock, ShardSpec
 
 MARGIN = 64 << 20
 
@@ -64,14 +64,11 @@ class StageCache(KVCache):
 class StageModel:
     """One worker's weights and caches; `assign` (re)loads, `handle` runs one message."""
 
-    def __init__(self, path: str | Path, dtype: torch.dtype | None = None, memory_limit: int | None = None,
-                 cache_dir: Path | None = None):
-        self.ckpt = open_checkpoint(path)
-        self.arch, self.args = model_args(self.ckpt)
-        self.dtype, self.native = resolve_dtype(self.ckpt, dtype)
-        self.index = build_index(self.ckpt, self.args.n_layers, getattr(self.arch, "HF_NAME_RULES", None),
-                                 self.args.tie_embeddings)
-        self.memory_limit, self.cache_dir = memory_limit, cache_dir
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = None, memory_limit: int | None = None):
+        self.spec = open_model(path, dtype)
+        self.ckpt, self.arch, self.args, self.index = self.spec.checkpoint, self.spec.arch, self.spec.args, self.spec.index
+        self.dtype = self.spec.dtype
+        self.memory_limit = memory_limit
         self.blocks: dict[int, nn.Module] = {}
         self.model: nn.Module | None = None
         self.assignment: Assignment | None = None
@@ -83,43 +80,21 @@ class StageModel:
 
     # -- loading ---------------------------------------------------------------------------------
 
+    def _read(self, group: str, held=None):
+        from ..runtime.streaming import read_resident
+
+        with RangeReader() as reader:
+            return read_resident(group_layouts(self.index)[group], reader, "buffered", held)
+
     def _outer(self, a: Assignment) -> nn.Module:
         """Embeddings and/or head as the assignment asks (token embeddings are tiny to keep)."""
-        model = self.arch.Model(self.args)
-        if a.shard is not None:
-            shard_head(model, a.shard)
-        groups = [self.index.groups["embed"]] + ([self.index.groups["head"]] if a.head else [])
-        with RangeReader() as reader:
-            raw = read_raw(groups, reader)
-        rope = raw.pop("rope_freqs.weight", None)
-        if rope is not None:
-            from ..runtime.loader import decode_tensor
+        embed = self._read("embed")
+        head = self._read("head", embed) if a.head else None
+        return build_outer(self.spec, embed=embed, head=head, shard=a.shard)
 
-            model.rope_freqs = decode_tensor(*rope, torch.float32)
-        if a.shard is not None and a.head:
-            raw, _ = apply_shard(raw, a.shard, "", self.native, self.dtype)
-        only = None if a.head else ("token_embd", "position_embd")
-        if only is not None:
-            raw = {k: v for k, v in raw.items() if not k.startswith("output")}
-        attach_weights(model, raw, "", self.dtype, self.native, f"{self.ckpt.path}: embeddings and head", only=only)
-        return model
-
-    def _block(self, i: int, reader: RangeReader, shard: ShardSpec | None) -> nn.Module:
-        raw = read_raw([self.index.block(i)], reader)
-        where = f"{self.ckpt.path}: layer {i}"
-        if shard is None:
-            block = self.model.new_block(i)
-            attach_weights(block, raw, f"blk.{i}.", self.dtype, self.native, where)
-            if hasattr(block, "fuse"):
-                block.fuse()  # as a resident single process does: the same outputs, fewer products
-            return block
-        block = self.arch.Block(local_args(self.args, shard))
-        raw, built = apply_shard(raw, shard, f"blk.{i}.", self.native, self.dtype)
-        for name, module in built.items():
-            _set_module(block, name, module)
-        attach_weights(block, raw, f"blk.{i}.", self.dtype, self.native, where)
-        block.fuse()
-        return ShardBlock(block, shard, self.args, self.reduce)
+    def _block(self, i: int, shard: ShardSpec | None) -> nn.Module:
+        block = build_block(self.spec, i, self._read(f"blk.{i}"), shard)
+        return block if shard is None else ShardBlock(block, shard, self.args, self.reduce)
 
     def assign(self, a: Assignment, context: int, batch: int) -> dict:
         """Hold what `a` asks, keeping blocks already held (same shard); returns figures
@@ -137,12 +112,13 @@ class StageModel:
         self.context = min(context, self.args.context_length)
         wanted = [i for i in range(a.start, a.stop) if i not in keep]
         resident, streamed = self._fit(wanted, a, batch)
-        with RangeReader() as reader:
-            for i in resident:
-                self.blocks[i] = self._block(i, reader, a.shard)
+        for i in resident:
+            self.blocks[i] = self._block(i, a.shard)
         layers = ResidentLayers(self.model, self.blocks)
         if streamed:
-            layers = self._streamed(streamed)
+            _, layers = load_layers(self.spec, [], [f"blk.{i}" for i in streamed], "buffered", 2,
+                                    blocks=self.blocks, model=self.model)
+            self.streamed_layers = layers
         self.executor = Executor(self.model, layers, self.args.n_layers, self.args.sliding_window)
         self.assignment, self.caches = a, {}
         return {"loaded": len(resident), "kept": kept, "streamed": len(streamed),
@@ -157,7 +133,7 @@ class StageModel:
 
         if a.shard is not None:
             return wanted, []  # shards are a fraction of each layer: the plan sized them to fit
-        _, spans, _ = group_sizes(self.index, self.dtype)
+        _, spans, _, _ = group_sizes(self.spec)
         kv = KVCache.bytes_needed(a.stop - a.start, batch, self.args.n_kv_heads, self.args.head_dim, self.context,
                                   self.dtype)
         room = self.memory_limit - current_rss() - kv - MARGIN
@@ -175,19 +151,6 @@ class StageModel:
                 resident.append(i)
                 used += spans[f"blk.{i}"]
         return resident, [i for i in wanted if i not in resident]
-
-    def _streamed(self, streamed: list[int]):
-        from ..runtime.native_cache import build_native_cache, cache_folder, open_native_cache
-        from ..runtime.streaming import StreamedLayers
-
-        folder = cache_folder(self.ckpt.path, self.dtype, self.cache_dir)
-        cache = open_native_cache(folder) or build_native_cache((self.ckpt, self.args, self.index, self.model),
-                                                                folder, self.dtype, self.native, None)
-        resident = {f"blk.{i}": b for i, b in self.blocks.items()}
-        resident["head"] = self.model
-        self.streamed_layers = StreamedLayers(self.model, cache, resident, [f"blk.{i}" for i in streamed], 2,
-                                              "buffered")
-        return self.streamed_layers
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -284,13 +247,8 @@ class StageModel:
 
     def _calibration_layer(self):
         """(model, block, executor) of layer 0, loaded for timing."""
-        model = self.arch.Model(self.args)
-        with RangeReader() as reader:
-            raw = read_raw([self.index.block(0)], reader)
-        block = model.new_block(0)
-        attach_weights(block, raw, "blk.0.", self.dtype, self.native, f"{self.ckpt.path}: layer 0")
-        if hasattr(block, "fuse"):
-            block.fuse()
+        model = build_outer(self.spec, embed=self._read("embed"))
+        block = build_block(self.spec, 0, self._read("blk.0"))
         return model, block, Executor(model, ResidentLayers(model, {0: block}), self.args.n_layers,
                                       self.args.sliding_window)
 
@@ -301,7 +259,7 @@ class StageModel:
         unpacking and packing the messages)}."""
         from ..runtime.planner import group_sizes
 
-        _, spans, _ = group_sizes(self.index, self.dtype)
+        _, spans, _, _ = group_sizes(self.spec)
         model, block, ex = self._calibration_layer()
         cache = KVCache(1, 1, self.args.n_kv_heads, self.args.head_dim, repeats * 3 + 12, self.dtype)
         h = torch.randn(1, 1, self.args.dim).to(self.dtype) * 0.1

@@ -34,14 +34,13 @@ HEARTBEAT = 0.2
 
 class Worker:
     def __init__(self, address: str, model_path: str | Path, memory_limit: int | None = None,
-                 dtype: torch.dtype | None = None, name: str | None = None, join_timeout: float = 30.0,
-                 cache_dir: Path | None = None):
+                 dtype: torch.dtype | None = None, name: str | None = None, join_timeout: float = 30.0):
         host, port = parse_address(address)
         self.store = join_store(host, port, join_timeout)
         self.beat_store = join_store(host, port, join_timeout)  # heartbeats never wait behind a blocking get
         self.model_path = Path(model_path)
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
-        self.stage = StageModel(self.model_path, dtype, memory_limit, cache_dir)
+        self.stage = StageModel(self.model_path, dtype, memory_limit)
         self.lock = threading.Lock()      # held while a message is computed or a plan applied
         self.epoch = 0
         self.rank = 0

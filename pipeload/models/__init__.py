@@ -1,7 +1,22 @@
-"""Architectures: one module per family, each exporting ModelArgs, Block, Model and HF_NAME_RULES.
+"""Architectures: one module per family, found through a small registry keyed by the names
+checkpoints use (Hugging Face `model_type` in config.json, or GGUF `general.architecture`).
 
-Found through a small registry keyed by the names checkpoints use: Hugging Face `model_type`
-in config.json, or GGUF `general.architecture`.
+What an architecture module exports (pure torch plus quant.ops; it never imports weights/ or
+runtime/ and never reads a file):
+
+- `ModelArgs` with `from_hf_config(config, tensor_names)` and `from_gguf(arch, metadata, shapes)`;
+  it has n_layers, dim, n_heads, n_kv_heads, head_dim, vocab_size, context_length,
+  tie_embeddings, sliding_window.
+- `Block(args, layer)`: `forward(x (B, T, D), step: StepInputs, kv: LayerKV | None)`. Its
+  weight-holding submodules are named after the GGUF tensors (`attn_q` takes
+  `blk.<layer>.attn_q.weight`); matrices are `common.Linear` (a GGMLWeight as stored), linears
+  that read one input are grouped with `common.Fused` (one ops.linear_many pass).
+- `Model(args)`: the embeddings and head (`embed`, `step_inputs`, `head`); the executor runs the
+  blocks in between.
+- `HF_NAME_RULES`: plain data, (regex over the HF name, GGUF name or None[, "transpose"]).
+- For `pipeload convert`: `gguf_architecture`, `gguf_metadata`, `gguf_extra_tensors`, `to_gguf_tensor`.
+
+runtime/blocks.py builds every block from the file's bytes (see its docstring).
 """
 
 from __future__ import annotations

@@ -1,8 +1,17 @@
-"""Pieces shared by the architectures: linear, norms, rotary embeddings, cached attention.
+"""Pieces shared by the architectures: linears, norms, embeddings, rotary embeddings, attention.
 
-Pure torch, no I/O. Modules are built on the `meta` device and get their weights assigned by the
-loader, so no second copy of a weight ever exists. Attribute names follow GGUF tensor names
-(`attn_q`, `ffn_down`, ...) so loading needs no renaming table.
+Pure torch plus the compute operations of `quant.ops`; no I/O, no file names. Modules are built
+empty and get their weights from the block builder (runtime/blocks.py), so no second copy of a
+weight ever exists:
+
+- `Linear` and `Embedding` hold a `GGMLWeight`: the matrix exactly as the file stores it (any
+  GGUF type, F32/F16/BF16 included), computed on by `ops.linear` / decoded row by row;
+- `Fused` runs several linears that read the same input (q/k/v, gate/up) as one
+  `ops.linear_many` pass, each over its own GGMLWeight (nothing is concatenated or copied);
+- norms hold their vectors as plain (meta, then real) Parameters.
+
+Attribute names follow GGUF tensor names (`attn_q`, `ffn_down`, ...) so loading needs no
+renaming table: the builder finds `blk.3.attn_q.weight` at `attn_q.weight` of block 3.
 """
 
 from __future__ import annotations
@@ -15,7 +24,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.linear import Linear  # noqa: F401  (re-exported for the architectures)
+from ..quant import ops
+from ..quant.ops import GGMLWeight
+
+
+class Linear(nn.Module):
+    """y = x @ W^T + b, W a GGMLWeight (out_features, in_features) as stored, b a plain vector."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, bias
+        self.weight: GGMLWeight | None = None  # given by the block builder
+        self.bias: torch.Tensor | None = None  # (out_features,) in the compute dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = ops.linear(x.reshape(-1, shape[-1]), self.weight)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Fused(nn.Module):
+    """Linears over the same input computed in one `ops.linear_many` pass (the activation is
+    read and quantized once); returns their outputs separately, each with its own bits.
+
+    The parts stay the block's own submodules under their file names; this module only groups
+    them (they are kept in a plain list, so they are not registered twice)."""
+
+    def __init__(self, *parts: Linear):
+        super().__init__()
+        self.parts = list(parts)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        shape = x.shape
+        ys = ops.linear_many(x.reshape(-1, shape[-1]), [p.weight for p in self.parts])  # [(M, N_j)]
+        return [(y if p.bias is None else y + p.bias).view(*shape[:-1], p.out_features)
+                for y, p in zip(ys, self.parts)]
 
 
 class RMSNorm(nn.Module):
@@ -43,12 +88,18 @@ class LayerNorm(nn.Module):
 
 
 class Embedding(nn.Module):
+    """Rows of a GGMLWeight (num, dim) looked up by id; only the rows looked up are decoded."""
+
     def __init__(self, num: int, dim: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num, dim, device="meta"), requires_grad=False)
+        self.num, self.dim = num, dim
+        self.weight: GGMLWeight | None = None  # given by the block builder, kept as stored
+        self.dtype = torch.float32              # of the rows returned (the compute dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        w = self.weight
+        picked = GGMLWeight(w.qtype, (ids.numel(), self.dim), w.blocks[ids.reshape(-1)])  # (n, row bytes)
+        return picked.dequantized(dtype=self.dtype).view(*ids.shape, self.dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,25 +233,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Laye
 
 
 def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Attention of one query token (1, H, 1, hd) over (1, Hkv, S, hd): two small float32 products.
+    """Attention (1, 1, H*hd) of one query token (1, H, 1, hd) over (1, Hkv, S, hd), by ops.attend_one.
 
     PyTorch's CPU flash attention handles a single query poorly (0.4 ms at S = 128, 2 ms at 512 for
-    a 1B model's layer, against 0.08 and 0.17 ms here); the float32 math keeps SDPA's accuracy."""
-    _, H, _, hd = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    scale = scale if scale is not None else 1.0 / math.sqrt(hd)
-    if q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and _c_attention():
-        from ..quant import ckernels
-
-        return ckernels.attend_one(q, k, v, scale)
-    qg = q.reshape(Hkv, H // Hkv, hd).float()                                  # (Hkv, G, hd)
-    scores = torch.matmul(qg, k[0].float().transpose(1, 2))                     # (Hkv, G, S)
-    scores.mul_(scale)
-    out = torch.matmul(torch.softmax(scores, dim=-1), v[0].float())             # (Hkv, G, hd)
-    return out.to(q.dtype).reshape(1, 1, H * hd)
-
-
-def _c_attention() -> bool:
-    from ..quant.linear import _c_decode
-
-    return _c_decode()
+    a 1B model's layer, against 0.08 and 0.17 ms for two small float32 products)."""
+    hd = q.shape[3]
+    return ops.attend_one(q, k, v, scale if scale is not None else 1.0 / math.sqrt(hd))  # (1, 1, H*hd)

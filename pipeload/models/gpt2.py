@@ -11,7 +11,6 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .common import Embedding, LayerKV, LayerNorm, Linear, StepInputs, cached_attention
-from ..weights.naming import NameRule
 
 
 @dataclass
@@ -59,7 +58,9 @@ class ModelArgs:
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """x + attn(ln(x)), then x + mlp(ln(x)); q/k/v are one stored matrix (attn_qkv)."""
+
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.args = args
         d = args.dim
@@ -82,7 +83,7 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-    Block = Block
+    """Embeddings (tokens and learned positions) and head; the executor runs the blocks between."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -91,9 +92,6 @@ class Model(nn.Module):
         self.position_embd = Embedding(args.context_length, args.dim)
         self.output_norm = LayerNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
-
-    def new_block(self, layer_idx: int) -> Block:
-        return Block(self.args)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.token_embd(tokens) + self.position_embd(positions)  # (B, T, D)
@@ -105,23 +103,26 @@ class Model(nn.Module):
         return self.output(self.output_norm(h))
 
 
+# Hugging Face names -> GGUF names, as plain data (see llama.py). GPT-2 stores its matrices
+# transposed (Conv1D, (in, out)): "transpose" makes the builder materialize them in torch's
+# (out, in) order, once at load for a resident layer, once per read for a streamed one.
 _P = r"(?:transformer\.)?"
 HF_NAME_RULES = [
-    NameRule(_P + r"wte\.weight", "token_embd.weight"),
-    NameRule(_P + r"wpe\.weight", "position_embd.weight"),
-    NameRule(_P + r"ln_f\.(weight|bias)", r"output_norm.\1"),
-    NameRule(r"lm_head\.weight", "output.weight"),
-    NameRule(_P + r"h\.(\d+)\.ln_1\.(weight|bias)", r"blk.\1.attn_norm.\2"),
-    NameRule(_P + r"h\.(\d+)\.ln_2\.(weight|bias)", r"blk.\1.ffn_norm.\2"),
-    NameRule(_P + r"h\.(\d+)\.attn\.c_attn\.weight", r"blk.\1.attn_qkv.weight", "transpose"),
-    NameRule(_P + r"h\.(\d+)\.attn\.c_attn\.bias", r"blk.\1.attn_qkv.bias"),
-    NameRule(_P + r"h\.(\d+)\.attn\.c_proj\.weight", r"blk.\1.attn_output.weight", "transpose"),
-    NameRule(_P + r"h\.(\d+)\.attn\.c_proj\.bias", r"blk.\1.attn_output.bias"),
-    NameRule(_P + r"h\.(\d+)\.mlp\.c_fc\.weight", r"blk.\1.ffn_up.weight", "transpose"),
-    NameRule(_P + r"h\.(\d+)\.mlp\.c_fc\.bias", r"blk.\1.ffn_up.bias"),
-    NameRule(_P + r"h\.(\d+)\.mlp\.c_proj\.weight", r"blk.\1.ffn_down.weight", "transpose"),
-    NameRule(_P + r"h\.(\d+)\.mlp\.c_proj\.bias", r"blk.\1.ffn_down.bias"),
-    NameRule(_P + r"h\.(\d+)\.attn\.(?:bias|masked_bias)", None),  # causal-mask buffers of old checkpoints
+    (_P + r"wte\.weight", "token_embd.weight"),
+    (_P + r"wpe\.weight", "position_embd.weight"),
+    (_P + r"ln_f\.(weight|bias)", r"output_norm.\1"),
+    (r"lm_head\.weight", "output.weight"),
+    (_P + r"h\.(\d+)\.ln_1\.(weight|bias)", r"blk.\1.attn_norm.\2"),
+    (_P + r"h\.(\d+)\.ln_2\.(weight|bias)", r"blk.\1.ffn_norm.\2"),
+    (_P + r"h\.(\d+)\.attn\.c_attn\.weight", r"blk.\1.attn_qkv.weight", "transpose"),
+    (_P + r"h\.(\d+)\.attn\.c_attn\.bias", r"blk.\1.attn_qkv.bias"),
+    (_P + r"h\.(\d+)\.attn\.c_proj\.weight", r"blk.\1.attn_output.weight", "transpose"),
+    (_P + r"h\.(\d+)\.attn\.c_proj\.bias", r"blk.\1.attn_output.bias"),
+    (_P + r"h\.(\d+)\.mlp\.c_fc\.weight", r"blk.\1.ffn_up.weight", "transpose"),
+    (_P + r"h\.(\d+)\.mlp\.c_fc\.bias", r"blk.\1.ffn_up.bias"),
+    (_P + r"h\.(\d+)\.mlp\.c_proj\.weight", r"blk.\1.ffn_down.weight", "transpose"),
+    (_P + r"h\.(\d+)\.mlp\.c_proj\.bias", r"blk.\1.ffn_down.bias"),
+    (_P + r"h\.(\d+)\.attn\.(?:bias|masked_bias)", None),  # causal-mask buffers of old checkpoints
 ]
 
 

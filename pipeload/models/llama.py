@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .common import (Embedding, LayerKV, Linear, RMSNorm, RopeConfig, StepInputs, apply_rope, rope_cis,
-                     cached_attention, rope_inv_freq, rope_tables)
-from ..weights.naming import NameRule
+from .common import (Embedding, Fused, LayerKV, Linear, RMSNorm, RopeConfig, StepInputs, apply_rope,
+                     cached_attention, rope_cis, rope_inv_freq, rope_tables)
 
 
 @dataclass
@@ -103,9 +102,12 @@ class ModelArgs:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + swiglu(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + swiglu(norm(x)).
 
-    def __init__(self, args: ModelArgs):
+    q/k/v run as one fused pass over their three weights, gate/up as another (whatever their
+    storage types: Q4_K_M keeps some attn_v in Q6_K)."""
+
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.args = args
         d, hd = args.dim, args.head_dim
@@ -118,44 +120,17 @@ class Block(nn.Module):
         self.ffn_gate = Linear(d, args.ffn_dim, bias=args.mlp_bias)
         self.ffn_up = Linear(d, args.ffn_dim, bias=args.mlp_bias)
         self.ffn_down = Linear(args.ffn_dim, d, bias=args.mlp_bias)
-        self.attn_qkv = self.attn_qk = self.ffn_gate_up = None  # merged matrices, see fuse()
-
-    def fuse(self) -> None:
-        """Merge attn_q/k/v into one matrix (or q/k when v has another format, as in Q4_K_M's
-        more-bits layers) and ffn_gate/up into another: fewer, larger products per step, the same
-        outputs. Called once after the weights are attached; a no-op where formats differ."""
-        from ..quant.linear import concat_linears
-
-        if self.attn_qkv is None and self.attn_qk is None:
-            qkv = concat_linears([self.attn_q, self.attn_k, self.attn_v])
-            if qkv is not None:
-                self.attn_qkv = qkv
-                del self.attn_q, self.attn_k, self.attn_v
-            elif (qk := concat_linears([self.attn_q, self.attn_k])) is not None:
-                self.attn_qk = qk
-                del self.attn_q, self.attn_k
-        if self.ffn_gate_up is None and (gate_up := concat_linears([self.ffn_gate, self.ffn_up])) is not None:
-            self.ffn_gate_up = gate_up
-            del self.ffn_gate, self.ffn_up
-
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (B, T, H, hd), k and v (B, T, Hkv, hd) projections of x (B, T, D)."""
-        B, T, _ = x.shape
-        a = self.args
-        if self.attn_qkv is not None:
-            qkv = self.attn_qkv(x).view(B, T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
-            return qkv.split([a.n_heads, a.n_kv_heads, a.n_kv_heads], dim=2)
-        if self.attn_qk is not None:
-            q, k = self.attn_qk(x).view(B, T, a.n_heads + a.n_kv_heads, a.head_dim).split([a.n_heads, a.n_kv_heads], 2)
-        else:
-            q = self.attn_q(x).view(B, T, a.n_heads, a.head_dim)
-            k = self.attn_k(x).view(B, T, a.n_kv_heads, a.head_dim)
-        return q, k, self.attn_v(x).view(B, T, a.n_kv_heads, a.head_dim)
+        self.qkv = Fused(self.attn_q, self.attn_k, self.attn_v)
+        self.gate_up = Fused(self.ffn_gate, self.ffn_up)
 
     def attention(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None,
                   kv_of_head: torch.Tensor | None = None) -> torch.Tensor:
         a = self.args
-        q, k, v = self._qkv(x)  # (B, T, heads, hd)
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)
+        q = q.view(B, T, a.n_heads, a.head_dim)
+        k = k.view(B, T, a.n_kv_heads, a.head_dim)
+        v = v.view(B, T, a.n_kv_heads, a.head_dim)
         cos, sin = step.cos.transpose(1, 2), step.sin.transpose(1, 2)  # (B, T, 1, rot/2)
         cis = step.cis.transpose(1, 2) if step.cis is not None else None
         q = apply_rope(q, cos, sin, a.rope.style, cis).transpose(1, 2)  # (B, H, T, hd)
@@ -163,10 +138,8 @@ class Block(nn.Module):
         return self.attn_output(cached_attention(q, k, v.transpose(1, 2), kv, step, kv_of_head=kv_of_head))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ffn_gate_up is not None:
-            gate, up = self.ffn_gate_up(x).chunk(2, dim=-1)
-            return self.ffn_down(F.silu(gate) * up)
-        return self.ffn_down(F.silu(self.ffn_gate(x)) * self.ffn_up(x))
+        gate, up = self.gate_up(x)  # (B, T, F) each
+        return self.ffn_down(F.silu(gate) * up)
 
     def forward(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None) -> torch.Tensor:
         h = x + self.attention(self.attn_norm(x), step, kv)
@@ -176,19 +149,14 @@ class Block(nn.Module):
 class Model(nn.Module):
     """Embeddings and head; the executor runs the blocks in between (see runtime/executor.py)."""
 
-    Block = Block
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.token_embd = Embedding(args.vocab_size, args.dim)
         self.output_norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
-        self.register_buffer("rope_freqs", None)  # optional GGUF tensor (dim/2,)
+        self.rope_freqs: torch.Tensor | None = None  # optional GGUF tensor (rot/2,) float32
         self._inv_freq: torch.Tensor | None = None
-
-    def new_block(self, layer_idx: int) -> Block:
-        return Block(self.args)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.token_embd(tokens)  # (B, T, D)
@@ -204,21 +172,22 @@ class Model(nn.Module):
         return self.output(self.output_norm(h))  # (B, T, V)
 
 
-# Hugging Face checkpoint names -> GGUF names (the names the modules above carry)
+# Hugging Face checkpoint names -> GGUF names (the names the modules above carry), as plain data:
+# (regex over the checkpoint name, GGUF name or None to drop the tensor[, "transpose"])
 HF_NAME_RULES = [
-    NameRule(r"model\.embed_tokens\.weight", "token_embd.weight"),
-    NameRule(r"model\.norm\.weight", "output_norm.weight"),
-    NameRule(r"lm_head\.weight", "output.weight"),
-    NameRule(r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
-    NameRule(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
-    NameRule(r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"blk.\1.attn_q.\2"),
-    NameRule(r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"blk.\1.attn_k.\2"),
-    NameRule(r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"blk.\1.attn_v.\2"),
-    NameRule(r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
-    NameRule(r"model\.layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)", r"blk.\1.ffn_gate.\2"),
-    NameRule(r"model\.layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"blk.\1.ffn_up.\2"),
-    NameRule(r"model\.layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"blk.\1.ffn_down.\2"),
-    NameRule(r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq", None),  # recomputed
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"blk.\1.attn_q.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"blk.\1.attn_k.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"blk.\1.attn_v.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", r"blk.\1.attn_output.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)", r"blk.\1.ffn_gate.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"blk.\1.ffn_up.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"blk.\1.ffn_down.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq", None),  # recomputed
 ]
 
 

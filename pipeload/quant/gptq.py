@@ -8,14 +8,13 @@ order; after rounding column i it adds -(w_i - q_i) / [H^-1]_ii * [H^-1]_i,j to 
 j (with the upper Cholesky factor of H^-1), in lazy batches of columns (one matrix product per
 batch instead of a rank-1 update per column).
 
-The result is stored in GGML block formats that both llama.cpp and pipeload's int4 kernel read:
+The result is stored in GGML block formats that llama.cpp and pipeload compute on as stored:
 - Q4_K: per 256 columns a super-block; its 8 sub-blocks of 32 get a 6-bit scale and min. When
   the walk reaches a super-block, the grid (d, dmin, scales, mins) is fitted to the current
   (error-updated) weights with the same search as the round-to-nearest quantizer, optionally
   weighted by the Hessian diagonal (llama.cpp's importance-matrix idea); then each column is
   rounded onto that grid.
 - Q4_0: per 32 columns one fp16 scale, value = d * (q - 8).
-Both map exactly onto pipeload's 4-bit group-32 kernel (quant/native.py).
 """
 
 from __future__ import annotations

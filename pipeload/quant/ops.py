@@ -75,6 +75,12 @@ def _portable_linear(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def scratch_bytes(n: int, k: int) -> int:
+    """Most temporary memory one linear() call on an (n, k) weight may hold beside its input and
+    output (the memory planner counts it): the portable path dequantizes UNPACK_ROWS rows to float32."""
+    return min(n, UNPACK_ROWS) * k * 4
+
+
 def linear(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
     """x (M, K) float32 or bfloat16 @ W^T -> (M, N) in x's dtype (no bias)."""
     if x.dim() != 2 or x.shape[1] != w.shape[1]:

@@ -10,11 +10,9 @@ from position rows[b].start (a decode step: one token each; a prefill: whole pro
 right-padded to the longest), the two operations whose result depends on the batch run on
 exactly the shapes a lone run uses:
 
-- linear layers: once per sequence on its own tokens, except where a call with one token per
-  sequence is known to give each row the same bits as alone (checked once per kind of call, see
-  `_rows_independent`: oneDNN's bfloat16 GEMM; the packed int4/int8 kernels, in groups of fewer
-  rows than make those modules leave their kernel). The classes are in ROW_WISE_MODULES; their
-  `forward` is wrapped once at import.
+- linear layers in a prefill: once per sequence on its own tokens (a decode step's rows are
+  exact as they are: quant/ops.py's row-exactness contract). The classes are in
+  ROW_WISE_MODULES; their `forward` is wrapped once at import.
 - attention (`F.scaled_dot_product_attention`, wrapped once on first use): each sequence attends
   over its own keys only, with the causal flag or mask that its lone run would use.
 
@@ -30,7 +28,6 @@ Limits (the scheduler respects them): prefill rows start at 0 and fit in one exe
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -50,11 +47,22 @@ class RowSpan:
     length: int
 
 
-def run_per_row(cls: type, decode_rows: int = 1) -> type:
-    """Make `cls.forward(x, ...)` run per sequence inside a RowExact pass; returns cls.
+def _stitch(outs: list, rows: list[RowSpan], batch: int, length: int):
+    """Per-sequence outputs (1, n_b, N) (or lists of them) into (B, T, N) with zeros at padding."""
+    if isinstance(outs[0], (list, tuple)):
+        return [_stitch([o[j] for o in outs], rows, batch, length) for j in range(len(outs[0]))]
+    out = outs[0].new_zeros(batch, length, outs[0].shape[-1])  # (B, T, N), padding stays 0
+    for b, (row, o) in enumerate(zip(rows, outs)):
+        out[b:b + 1, :row.length] = o
+    return out
 
-    x is (B, T, D) or (B, D). In a decode pass, up to `decode_rows` sequences go together (> 1 only
-    for kernels whose rows do not depend on the other rows of the call, up to that many rows)."""
+
+def run_per_row(cls: type) -> type:
+    """Make `cls.forward(x, ...)` (x (B, T, D)) run per sequence in a RowExact prefill; returns cls.
+
+    In a decode pass (one token per sequence) the call goes through whole: quant.ops gives every
+    row the bits it gets alone for up to ops.EXACT_ROWS rows, and the scheduler's batches are no
+    larger."""
     forward = cls.forward
     if getattr(forward, "_row_exact", False):
         return cls
@@ -62,19 +70,10 @@ def run_per_row(cls: type, decode_rows: int = 1) -> type:
     @functools.wraps(forward)
     def split(self, x: torch.Tensor, *args, **kwargs):
         p = _PASS.get()
-        if p is None or x.dim() not in (2, 3) or x.shape[0] != len(p.rows) or p.trivial:
+        if p is None or x.dim() != 3 or x.shape[0] != len(p.rows) or p.trivial or p.decode:
             return forward(self, x, *args, **kwargs)
-        if x.dim() == 2 or p.decode:  # one token per sequence
-            if _rows_independent(forward, self, x, args, kwargs):
-                return forward(self, x, *args, **kwargs)
-            n = decode_rows if p.decode else 1
-            return torch.cat([forward(self, x[b:b + n], *args, **kwargs) for b in range(0, x.shape[0], n)])
-        with _dequantize_once(self):
-            outs = [forward(self, x[b:b + 1, :row.length], *args, **kwargs) for b, row in enumerate(p.rows)]
-        out = outs[0].new_zeros(x.shape[0], x.shape[1], outs[0].shape[-1])  # (B, T, N), padding stays 0
-        for b, (row, o) in enumerate(zip(p.rows, outs)):
-            out[b:b + 1, :row.length] = o
-        return out
+        outs = [forward(self, x[b:b + 1, :row.length], *args, **kwargs) for b, row in enumerate(p.rows)]
+        return _stitch(outs, p.rows, x.shape[0], x.shape[1])
 
     split._row_exact = True
     cls.forward = split
@@ -82,70 +81,11 @@ def run_per_row(cls: type, decode_rows: int = 1) -> type:
     return cls
 
 
-DEQUANT_MEMO_BYTES = 32 << 20  # unpacked weight rows kept for the other sequences of one prefill call
-
-
-@contextmanager
-def _dequantize_once(module):
-    """While active, a packed module's `dequantized(r0, r1)` keeps what it unpacks (up to
-    DEQUANT_MEMO_BYTES) for the other sequences of the same call: a prompt of 16+ tokens multiplies
-    with the unpacked weight, which gives the same bits unpacked once or once per sequence."""
-    unpack = getattr(module, "dequantized", None)
-    if unpack is None:
-        yield
-        return
-    memo: dict[tuple, torch.Tensor] = {}
-    kept = [0]
-
-    def once(*args: int) -> torch.Tensor:
-        w = memo.get(args)
-        if w is None:
-            w = unpack(*args)
-            if kept[0] + w.numel() * w.element_size() <= DEQUANT_MEMO_BYTES:
-                memo[args] = w
-                kept[0] += w.numel() * w.element_size()
-        return w
-
-    module.dequantized = once  # an instance attribute shadows the method for this call only
-    try:
-        yield
-    finally:
-        del module.dequantized
-
-
-_INDEPENDENT: dict[tuple, bool] = {}
-
-
-def _rows_independent(forward, module, x: torch.Tensor, args, kwargs) -> bool:
-    """Whether forward(module, x), one token per sequence, gives every row the bits of the same call
-    on that row alone. Kernels choose their blocking from the shapes, never from the values, so
-    this is checked once per kind of call (module class, input shape and dtype, weight dtype and
-    shape) on random inputs with the module's own weights. Some are (oneDNN's bfloat16 GEMM, the
-    packed int4/int8 kernels below 16 rows), some are not (float32 GEMV against GEMM)."""
-    weight = getattr(module, "weight", None)
-    weight = getattr(module, "qweight", None) if weight is None else weight
-    key = (type(module), tuple(x.shape), x.dtype,
-           None if weight is None else (weight.dtype, tuple(weight.shape), weight.stride()))
-    known = _INDEPENDENT.get(key)
-    if known is None:
-        probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
-        together = forward(module, probe, *args, **kwargs)
-        alone = torch.cat([forward(module, probe[b:b + 1], *args, **kwargs) for b in range(x.shape[0])])
-        known = _INDEPENDENT[key] = torch.equal(together, alone)
-    return known
-
-
 def _register_linears() -> None:
-    from ..quant import linear
+    from ..models.common import Fused, Linear
 
-    run_per_row(linear.Linear)  # F.linear: one row is a GEMV, several a GEMM that sums in another order
-    # The packed int4/int8 kernels give each row the same bits whatever the other rows are, but the
-    # modules switch to a dequantized F.linear at PREFILL_ROWS rows: stay below it, as a lone step does.
-    packed_rows = max(1, getattr(linear, "PREFILL_ROWS", 2) - 1)
-    base = getattr(linear, "_PackedLinear", None)
-    for cls in [base] if base is not None else [getattr(linear, n) for n in ("Int4Linear", "Int8Linear")
-                                                 if hasattr(linear, n)]:
-        run_per_row(cls, packed_rows)
+    run_per_row(Linear)  # one sequence's prompt rows together, as its lone run has them
+    run_per_row(Fused)
 
 
 _register_linears()

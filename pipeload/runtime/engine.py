@@ -1,41 +1,62 @@
-"""Loading a checkpoint into something that computes logits: architecture, weights index, executor."""
+"""Loading a model into something that computes logits: spec -> plan -> layer sources -> executor.
+
+    open_model(path)        what the file is (runtime/spec.py)
+    make_plan(spec, ...)    what stays resident and what streams under a budget (runtime/planner.py)
+    load_layers(spec, ...)  resident groups read once into buffers of their own, the rest streamed
+                            through the prefetch ring; every block built by runtime/blocks.py
+    Executor                the loop over layers (runtime/executor.py)
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import models
-from ..errors import ModelFileError
-from ..weights.checkpoint import Checkpoint, open_checkpoint
-from ..weights.index import WeightsIndex, build_index
-from ..weights.io import RangeReader
+from ..weights.checkpoint import Checkpoint
+from ..weights.index import WeightsIndex
+from ..weights.io import IO_MODES, RangeReader
+from ..weights.layout import group_layouts
+from .blocks import build_block, build_outer
 from .executor import Executor, ResidentLayers
 from .kv_cache import KVCache
-from .loader import attach_weights, decode_tensor, read_raw
+from .spec import ModelSpec, open_model
 
 
 @dataclass
 class Engine:
-    """A loaded model: what it is (args), where its bytes are (index), and how to run it."""
+    """A loaded model: what it is (spec), and how to run it (executor over its layer sources)."""
 
-    checkpoint: Checkpoint
-    arch: ModuleType
-    args: Any
-    index: WeightsIndex
+    spec: ModelSpec
     model: nn.Module
     executor: Executor
-    dtype: torch.dtype
     context: int = 0                 # positions a sequence may use (<= the model's context)
     plan: Any = None                 # runtime.planner.Plan when a memory budget was given
     io_mode: str | None = None       # "direct" or "buffered" when layers stream
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return self.spec.checkpoint
+
+    @property
+    def arch(self) -> ModuleType:
+        return self.spec.arch
+
+    @property
+    def args(self) -> Any:
+        return self.spec.args
+
+    @property
+    def index(self) -> WeightsIndex:
+        return self.spec.index
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.spec.dtype
 
     @property
     def context_length(self) -> int:
@@ -53,114 +74,79 @@ class Engine:
         return KVCache(a.n_layers, batch, a.n_kv_heads, a.head_dim, max_len, self.dtype)
 
 
-def model_args(ckpt: Checkpoint) -> tuple[ModuleType, Any]:
-    """(architecture module, ModelArgs) from a checkpoint's metadata; raises on missing keys."""
-    try:
-        if ckpt.format == "gguf":
-            arch = models.for_gguf_architecture(ckpt.architecture)
-            shapes = {name: t.shape for name, t in ckpt.tensors.items()}
-            args = arch.ModelArgs.from_gguf(ckpt.architecture, ckpt.config, shapes)
-        else:
-            arch = models.for_hf_model_type(ckpt.architecture)
-            args = arch.ModelArgs.from_hf_config(ckpt.config, set(ckpt.tensors))
-    except KeyError as e:
-        where = "GGUF metadata" if ckpt.format == "gguf" else "config.json"
-        raise ModelFileError(f"{ckpt.path}: {where} lacks {e.args[0]!r}") from None
-    except (TypeError, ZeroDivisionError) as e:
-        where = "GGUF metadata" if ckpt.format == "gguf" else "config.json"
-        raise ModelFileError(f"{ckpt.path}: {where} has a missing or malformed setting ({e})") from None
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        if field.type in ("int", int) and (not isinstance(value, int) or value <= 0):
-            raise ModelFileError(f"{ckpt.path}: model setting {field.name} = {value!r} is missing or not a positive integer")
-    return arch, args
+def load_layers(spec: ModelSpec, resident: list[str], streamed: list[str], io_mode: str, prefetch_depth: int = 2,
+                read_threads: int = 2, blocks: dict[int, nn.Module] | None = None, model: nn.Module | None = None):
+    """(Model with embeddings and, if "head" is resident, its head; a LayerSource) for groups
+    `resident` (read now, each into a buffer of its own) and `streamed` (read ahead into the
+    prefetch ring at each use). `blocks` are blocks already held (a cluster stage keeps them)
+    and `model` a Model already built; both are used as they are."""
+    layouts = group_layouts(spec.index)
+    blocks = dict(blocks or {})
+    from .streaming import read_resident
 
+    with RangeReader() as reader:
+        # the embed group's bytes: the Model's embeddings, and a tied output matrix's for a streamed head
+        embed = read_resident(layouts["embed"], reader, io_mode) if model is None or "head" in streamed else {}
+        if model is None:
+            head = read_resident(layouts["head"], reader, io_mode, embed) if "head" in resident else None
+            model = build_outer(spec, embed=embed, head=head)
+        for group in resident:
+            if group.startswith("blk.") and int(group[4:]) not in blocks:
+                i = int(group[4:])
+                blocks[i] = build_block(spec, i, read_resident(layouts[group], reader, io_mode))
+    if not streamed:
+        return model, ResidentLayers(model, blocks)
+    from .streaming import StreamedLayers
 
-def resolve_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> tuple[torch.dtype, bool]:
-    """(compute dtype, native kernels?) — by default float32 when every weight matrix is stored
-    F32 (the exact path), else bfloat16 with kernel-native packed weights."""
-    if dtype is None:
-        all_f32 = all(t.dtype in ("F32", "F64") for t in ckpt.tensors.values() if len(t.shape) >= 2)
-        dtype = torch.float32 if all_f32 else torch.bfloat16
-    return dtype, dtype == torch.bfloat16
+    kept = {f"blk.{i}": b for i, b in blocks.items()}
+    if "head" not in streamed:
+        kept["head"] = model
+    return model, StreamedLayers(spec, layouts, model, kept, streamed, embed, prefetch_depth, io_mode, read_threads)
 
 
 def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memory_limit: int | None = None,
                 context: int | None = None, batch: int = 1, prefetch_depth: int = 2, parallel_loading: bool = True,
-                io_mode: str = "auto", cache_dir: Path | None = None, progress=None) -> Engine:
+                io_mode: str = "auto") -> Engine:
     """Open a GGUF file or HF folder and make it runnable; raises PipeloadError subclasses.
 
-    dtype None picks float32 for all-F32 files, else bfloat16 with quantized matrices kept packed.
-    With memory_limit (bytes), the planner decides which layer groups stay resident and which
-    stream from the kernel-native cache (built on first use) through a prefetch ring."""
-    ckpt = open_checkpoint(path)
-    arch, args = model_args(ckpt)
-    dtype, native = resolve_dtype(ckpt, dtype)
+    dtype None picks float32 for all-F32 files, else bfloat16; weights are computed on as the
+    file stores them. With memory_limit (bytes), the planner decides which layer groups stay
+    resident and which stream from the file through a prefetch ring."""
+    spec = open_model(path, dtype)
+    args = spec.args
     context = min(context or args.context_length, args.context_length)
-    index = build_index(ckpt, args.n_layers, getattr(arch, "HF_NAME_RULES", None), args.tie_embeddings)
-    model = arch.Model(args)
-    plan = None
+    order = [f"blk.{i}" for i in range(args.n_layers)] + ["head"]
+    plan, resident, streamed = None, order, []
     if memory_limit is not None:
         from .memory import current_rss
         from .planner import make_plan
         from .streaming import keep_torch_quiet
 
         keep_torch_quiet()
-        plan = make_plan(index, args, dtype, memory_limit, current_rss(), context, batch, prefetch_depth)
-    with RangeReader() as reader:
-        outer = read_raw([index.groups["embed"], index.groups["head"]], reader)
-        rope_freqs = outer.pop("rope_freqs.weight", None)
-        if rope_freqs is not None:
-            model.rope_freqs = decode_tensor(*rope_freqs, torch.float32)
-        cached = None
-        if plan is not None and not plan.streamed:
-            from .native_cache import cache_folder, open_native_cache
-
-            cached = open_native_cache(cache_folder(ckpt.path, dtype, cache_dir))
-        if (plan is None or not plan.streamed) and cached is None:
-            attach_weights(model, outer, "", dtype, native, f"{ckpt.path}: embeddings and head")
-            blocks = []
-            for i in range(args.n_layers):
-                block = model.new_block(i)
-                attach_weights(block, read_raw([index.block(i)], reader), f"blk.{i}.", dtype, native,
-                               f"{ckpt.path}: layer {i}")
-                if hasattr(block, "fuse"):
-                    block.fuse()  # merged q/k/v and gate/up matrices: same outputs, fewer products
-                blocks.append(block)
-            layers, chosen_io = ResidentLayers(model, blocks), None
-        else:
-            embed = {k: v for k, v in outer.items() if not k.startswith("output")}
-            attach_weights(model, embed, "", dtype, native, f"{ckpt.path}: embeddings",
-                           only=("token_embd", "position_embd"))
-            del outer, embed
-            layers, chosen_io = _streamed_layers(ckpt, args, index, model, plan, dtype, native, io_mode,
-                                                 parallel_loading, cache_dir, progress)
+        plan = make_plan(spec, memory_limit, current_rss(), context, batch, prefetch_depth)
+        resident, streamed = plan.resident, plan.streamed
+    io_mode = _io_mode(io_mode, spec, plan)
+    model, layers = load_layers(spec, resident, streamed, io_mode, prefetch_depth, 2 if parallel_loading else 1)
     executor = Executor(model, layers, args.n_layers, args.sliding_window)
-    return Engine(checkpoint=ckpt, arch=arch, args=args, index=index, model=model, executor=executor, dtype=dtype,
-                  context=context, plan=plan, io_mode=chosen_io)
+    return Engine(spec=spec, model=model, executor=executor, context=context, plan=plan,
+                  io_mode=io_mode if streamed else None)
 
 
-def _streamed_layers(ckpt, args, index, model, plan, dtype, native, io_mode, parallel_loading, cache_dir, progress):
-    from ..weights.io import IO_MODES, probe_read_bandwidth
-    from .native_cache import build_native_cache, cache_folder, open_native_cache
-    from .streaming import StreamedLayers, load_resident_from_cache
+def _io_mode(io_mode: str, spec: ModelSpec, plan) -> str:
+    """The read mode: as asked, or ("auto") buffered for one-time reads and, when layers stream,
+    whichever of O_DIRECT and buffered+DONTNEED this disk reads faster (probed now)."""
+    if io_mode != "auto":
+        if io_mode not in IO_MODES:
+            raise ValueError(f"io_mode must be 'auto', 'direct' or 'buffered', got {io_mode!r}")
+        return io_mode
+    if plan is None or not plan.streamed:
+        return "buffered"
+    from ..weights.io import probe_read_bandwidth
 
-    folder = cache_folder(ckpt.path, dtype, cache_dir)
-    cache = open_native_cache(folder) or build_native_cache((ckpt, args, index, model), folder, dtype, native, progress)
-    if io_mode == "auto" and not plan.streamed:
-        io_mode = "direct"  # only the one-time reads of resident groups
-    elif io_mode == "auto":
-        # the probe's buffer is at most the ring, which the plan has counted and which is not allocated yet
-        speeds = probe_read_bandwidth(cache.data_path, nbytes=min(256 << 20, plan.ring_bytes))
-        io_mode = max(speeds, key=speeds.get)
-        plan.notes.append("read bandwidth probed: " + ", ".join(f"{m} {v / 1e9:.2f} GB/s" for m, v in speeds.items())
-                          + f" -> {io_mode}")
-    elif io_mode not in IO_MODES:
-        raise ValueError(f"io_mode must be 'auto', 'direct' or 'buffered', got {io_mode!r}")
-    resident = {}
-    for group in plan.resident:
-        module = model if group == "head" else model.new_block(int(group[4:]))
-        resident[group] = load_resident_from_cache(cache, group, module, io_mode)
-    layers = StreamedLayers(model, cache, resident, plan.streamed, plan.prefetch_depth, io_mode,
-                            read_threads=2 if parallel_loading else 1)
-    return layers, io_mode
+    first = spec.index.block(0).tensors[0].info.path
+    # the probe's buffer is at most the ring, which the plan has counted and which is not allocated yet
+    speeds = probe_read_bandwidth(first, nbytes=min(256 << 20, plan.ring_bytes))
+    chosen = max(speeds, key=speeds.get)
+    plan.notes.append("read bandwidth probed: " + ", ".join(f"{m} {v / 1e9:.2f} GB/s" for m, v in speeds.items())
+                      + f" -> {chosen}")
+    return chosen

@@ -2,10 +2,11 @@
 
 Every pass over the weights visits the streamed groups in the same order, so reads are issued in
 that order, `prefetch_depth` groups ahead, wrapping around to the next pass (the first groups of
-the next token are read while the last ones and the head compute). A group's module is a
-skeleton whose tensors are bound as views into its ring buffer: nothing is allocated or
-garbage-collected per layer, and nothing stays in the page cache (O_DIRECT, or buffered reads
-dropped with DONTNEED).
+the next token are read while the last ones and the head compute). What is read is the file's
+own bytes for the group (weights/layout.py: one aligned range per GGUF layer), and the group's
+module is a skeleton whose weights are re-pointed at that ring buffer (runtime/blocks.py,
+`into=`): nothing is converted, allocated or garbage-collected per layer, and nothing stays in
+the page cache (O_DIRECT, or buffered reads dropped with DONTNEED).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from torch import nn
 
-from ..weights.io import RangeReader, aligned_buffer, read_span
-from .native_cache import NativeCache, bind, make_skeleton
+from ..weights.io import RangeReader, aligned_buffer
+from ..weights.layout import GroupLayout, TensorBytes, read_group, tensor_views
+from .blocks import build_block, build_outer, drop_weights
 
 
 class StreamStats:
@@ -36,15 +38,17 @@ class StreamStats:
 
 
 class StreamedLayers:
-    """A LayerSource (see executor.py) over resident modules and streamed groups of a NativeCache."""
+    """A LayerSource (see executor.py) over resident modules and groups streamed from the file."""
 
-    def __init__(self, model: nn.Module, cache: NativeCache, resident: dict[str, nn.Module], streamed: list[str],
-                 prefetch_depth: int, io_mode: str, read_threads: int = 2):
-        self.model, self.cache, self.resident, self.order = model, cache, resident, streamed
+    def __init__(self, spec, layouts: dict[str, GroupLayout], model: nn.Module, resident: dict[str, nn.Module],
+                 streamed: list[str], held: TensorBytes, prefetch_depth: int, io_mode: str, read_threads: int = 2):
+        self.spec, self.layouts, self.model, self.resident, self.order = spec, layouts, model, resident, streamed
+        self.held = held  # the resident embed group's views (a tied output matrix's bytes)
         self.io_mode, self.depth = io_mode, prefetch_depth
         self.stats = StreamStats()
-        self.skeletons = {g: self._skeleton(g) for g in streamed}
-        self.slots = [aligned_buffer(cache.max_span) for _ in range(prefetch_depth + 1)] if streamed else []
+        self.skeletons: dict[str, nn.Module] = {}  # built at a group's first use, re-pointed afterwards
+        span = max((layouts[g].nbytes for g in streamed), default=0)
+        self.slots = [aligned_buffer(span) for _ in range(prefetch_depth + 1)] if streamed else []
         self.free: deque[int] = deque(range(len(self.slots)))
         self.pending: deque[tuple[str, int, Future]] = deque()  # reads in flight, in pass order
         self.in_use: dict[str, int] = {}
@@ -53,18 +57,21 @@ class StreamedLayers:
         self.layer_pool = ThreadPoolExecutor(prefetch_depth, thread_name_prefix="pipeload-prefetch")
         self.chunk_pool = ThreadPoolExecutor(read_threads, thread_name_prefix="pipeload-read") if read_threads > 1 else None
 
-    def _skeleton(self, group: str) -> nn.Module:
+    def _module(self, group: str, views: TensorBytes) -> nn.Module:
+        into = self.skeletons.get(group)
         if group == "head":
-            return make_skeleton(type(self.model)(self.model.args), self.cache.groups["head"])
-        return make_skeleton(self.model.new_block(int(group[4:])), self.cache.groups[group])
+            module = build_outer(self.spec, head=views, into=into)
+        else:
+            module = build_block(self.spec, int(group[4:]), views, into=into)
+        self.skeletons[group] = module
+        return module
 
     # -- reading ahead ---------------------------------------------------------------------------
 
     def _read(self, group: str, slot: int) -> None:
-        layout = self.cache.groups[group]
+        layout = self.layouts[group]
         t0 = time.perf_counter()
-        read_span(self.reader, self.cache.data_path, layout.offset, self.slots[slot][:layout.nbytes], self.io_mode,
-                  self.chunk_pool)
+        read_group(layout, self.slots[slot], self.reader, self.io_mode, self.chunk_pool)
         with self.stats.lock:
             self.stats.bytes_read += layout.nbytes
             self.stats.read_seconds[group] = self.stats.read_seconds.get(group, 0.0) + time.perf_counter() - t0
@@ -95,14 +102,14 @@ class StreamedLayers:
         t0 = time.perf_counter()
         fut.result()  # re-raises a read error here, in the computing thread
         self.stats.wait_seconds[group] = self.stats.wait_seconds.get(group, 0.0) + time.perf_counter() - t0
-        module = self.skeletons[group]
-        bind(module, self.cache.groups[group], self.slots[slot])
+        module = self._module(group, tensor_views(self.layouts[group], self.slots[slot], self.held))
         self.in_use[group] = slot
         return module
 
     def _give_back(self, group: str) -> None:
         slot = self.in_use.pop(group, None)
         if slot is not None:
+            drop_weights(self.skeletons[group])
             self.free.append(slot)
             self._fill()
 
@@ -126,7 +133,8 @@ class StreamedLayers:
         from ..weights.io import drop_from_page_cache
 
         self._resync(self.order[0]) if self.pending else None
-        drop_from_page_cache(self.cache.data_path)
+        for path in {e.path for g in self.order for e in self.layouts[g].extents}:
+            drop_from_page_cache(path)
         t0 = time.perf_counter()
         futures: deque[tuple[int, Future]] = deque()
         total = 0
@@ -136,7 +144,7 @@ class StreamedLayers:
                 fut.result()
             slot = k % len(self.slots)
             futures.append((slot, self.layer_pool.submit(self._read, group, slot)))
-            total += self.cache.groups[group].nbytes
+            total += self.layouts[group].nbytes
         for _, fut in futures:
             fut.result()
         seconds = time.perf_counter() - t0
@@ -152,15 +160,11 @@ class StreamedLayers:
         self.reader.close()
 
 
-def load_resident_from_cache(cache: NativeCache, group: str, module: nn.Module, io_mode: str) -> nn.Module:
-    """A resident copy of a cached group: its span read once into its own buffer, tensors bound to it."""
-    layout = cache.groups[group]
+def read_resident(layout: GroupLayout, reader: RangeReader, io_mode: str, held: TensorBytes | None = None) -> TensorBytes:
+    """A group's bytes read once into a buffer of its own (kept alive by the views into it)."""
     buf = aligned_buffer(layout.nbytes)
-    with RangeReader() as reader:
-        read_span(reader, cache.data_path, layout.offset, buf, io_mode)
-    make_skeleton(module, layout)
-    bind(module, layout, buf)
-    return module
+    read_group(layout, buf, reader, io_mode)
+    return tensor_views(layout, buf, held)
 
 
 def keep_torch_quiet() -> None:

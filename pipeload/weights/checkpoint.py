@@ -43,19 +43,20 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a GGUF file or HF model folder; raises ModelFileError naming what is wrong."""
+    """Open a GGUF file or HF model folder (or a .safetensors file inside one); raises
+    ModelFileError naming what is wrong. Use runtime.spec.open_model, which calls this."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelFileError(f"{p}: no such file or folder")
+    if p.is_file() and p.suffix == ".safetensors" and not is_gguf(p):
+        if not (p.parent / "config.json").is_file():
+            raise ModelFileError(f"{p}: a lone .safetensors file has no config.json beside it; pass the model folder")
+        p = p.parent
     if p.is_dir():
         config, tensors = read_hf_folder(p)
         return Checkpoint(path=p, format="hf", config=config, tensors=tensors)
     if is_gguf(p):
         g = read_gguf(p)
         return Checkpoint(path=p, format="gguf", config=g.metadata, tensors=g.tensors, gguf=g)
-    if p.suffix == ".safetensors":
-        if (p.parent / "config.json").is_file():
-            return open_checkpoint(p.parent)
-        raise ModelFileError(f"{p}: a lone .safetensors file has no config.json beside it; pass the model folder")
     raise ModelFileError(f"{p}: not a GGUF file or a Hugging Face model folder (expected a .gguf file or a folder "
                          f"with config.json and model.safetensors)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ModelFileError, UnsupportedModelError
 from .checkpoint import Checkpoint
-from .naming import NameRule, rename
+from .naming import compile_rules, rename
 from .tensor_info import TensorInfo
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")
@@ -95,14 +95,16 @@ def group_of(name: str) -> str:
     raise UnsupportedModelError(f"tensor {name!r} belongs to no known layer group")
 
 
-def build_index(ckpt: Checkpoint, n_layers: int, hf_rules: list[NameRule] | None, tie_embeddings: bool) -> WeightsIndex:
-    """Index the checkpoint's tensors under GGUF names; raises on tensors the architecture does not know."""
+def build_index(ckpt: Checkpoint, n_layers: int, hf_rules, tie_embeddings: bool) -> WeightsIndex:
+    """Index the checkpoint's tensors under GGUF names (`hf_rules`: the architecture's plain-data
+    HF_NAME_RULES, for HF folders); raises on tensors the architecture does not know."""
+    hf_rules = compile_rules(hf_rules)
     refs: dict[str, TensorRef] = {}
     for file_name, info in ckpt.tensors.items():
         if ckpt.format == "gguf":
             name, transform = file_name, None
         else:
-            renamed = rename(file_name, hf_rules or [])
+            renamed = rename(file_name, hf_rules)
             if renamed is None:
                 raise UnsupportedModelError(
                     f"{ckpt.path}: tensor {file_name!r} is not part of the {ckpt.architecture} architecture as "

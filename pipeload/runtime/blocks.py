@@ -1,0 +1,184 @@
+"""From a layer group's bytes to runnable modules: the one block builder (docs/DESIGN.md, "sources -> executor").
+
+    build_block(spec, i, source, shard=None, into=None) -> block i of the architecture
+    build_outer(spec, embed=..., head=..., shard=None, into=None) -> the Model (embeddings, head)
+
+`source` holds the bytes read for the group (weights/layout.py: views into the buffer they
+were read into). Every caller goes through these two functions: resident layers (a buffer the
+block keeps), streamed layers (a reused ring slot: `into` re-points the same skeleton at the
+next read's bytes), cluster stages and tensor-parallel shards (`shard`: the rank's slice of the
+same bytes). The block is always the architecture's own, fused one.
+
+What a stored tensor becomes:
+- a Linear's matrix: a GGMLWeight over the bytes as stored, any type (quantized, F16, BF16,
+  F32), a view: nothing copied. New memory only where those bytes cannot serve: the float32
+  reference mode (dtype float32: every matrix dequantized to F32 once, so the exact path runs
+  through ops too), and checkpoint matrices stored transposed (GPT-2's Conv1D in HF folders:
+  the transpose is materialized once at load for a resident layer, once per read for a
+  streamed one).
+- an Embedding's table: a GGMLWeight as stored; only the rows looked up are decoded.
+- vectors (norms, biases, rope tables): copied in the compute dtype (rope tables float32).
+Every tensor the module takes must be given, and every tensor given must be taken: a missing
+or unknown tensor is a clear error, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from ..errors import ModelFileError, UnsupportedModelError
+from ..models.common import Embedding, Linear
+from ..quant.ops import GGMLWeight
+from ..weights.decode import decode_tensor
+from ..weights.layout import TensorBytes
+from .sharding import ShardSpec, local_args, shard_tensors
+
+FLOAT_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16, "BF16": GGMLQuantizationType.BF16}
+EMBED_MODULES = ("token_embd", "position_embd")
+HEAD_MODULES = ("output_norm", "output")
+
+
+def build_block(spec, i: int, source: TensorBytes, shard: ShardSpec | None = None,
+                into: nn.Module | None = None) -> nn.Module:
+    """Block i computing on `source`'s bytes (tensors named blk.i.*); with `shard`, this rank's
+    part of it; with `into` (a block this function built before), that block re-pointed at the
+    new bytes. Raises ModelFileError / UnsupportedModelError for missing, unknown or misshapen
+    tensors."""
+    prefix = f"blk.{i}."
+    if shard is not None:
+        source = shard_tensors(source, shard, prefix)
+    block = into if into is not None else spec.arch.Block(spec.args if shard is None else local_args(spec.args, shard), i)
+    attach(block, source, prefix, spec.dtype, f"{spec.path}: layer {i}")
+    return block
+
+
+def build_outer(spec, embed: TensorBytes | None = None, head: TensorBytes | None = None,
+                shard: ShardSpec | None = None, into: nn.Module | None = None) -> nn.Module:
+    """The architecture's Model with its embeddings from `embed` and/or its head from `head`
+    (with `shard`, this rank's vocabulary rows of the output matrix); `into` re-points a Model
+    built before. Raises as build_block does."""
+    model = into if into is not None else spec.new_model()
+    if embed is not None:
+        embed = dict(embed)
+        rope = embed.pop("rope_freqs.weight", None)
+        if rope is not None:
+            model.rope_freqs = decode_tensor(*rope, torch.float32).clone()
+        attach(model, embed, "", spec.dtype, f"{spec.path}: embeddings", only=EMBED_MODULES)
+    if head is not None:
+        if shard is not None:
+            head = shard_tensors(head, shard, "")
+            if into is None:
+                model.output = Linear(spec.args.dim, shard.vocab[1] - shard.vocab[0])
+        attach(model, head, "", spec.dtype, f"{spec.path}: head", only=HEAD_MODULES)
+    return model
+
+
+def drop_weights(module: nn.Module) -> None:
+    """Let go of a module's matrices (a streamed skeleton between uses: its views point into a
+    ring slot that is being refilled, and materialized copies must not outlive the layer's turn)."""
+    for sub in module.modules():
+        if isinstance(sub, Linear):
+            sub.weight = None
+
+
+def _slots(module: nn.Module, only: tuple[str, ...] | None) -> dict[str, tuple[str, tuple[int, ...], nn.Module, str]]:
+    """{tensor name under `module`: (kind, torch shape, owner module, attribute)} of every tensor
+    the module takes; kind is "matrix" (a Linear's), "table" (an Embedding's) or "vector"."""
+    out = {}
+    for path, sub in module.named_modules():
+        pre = f"{path}." if path else ""
+        if isinstance(sub, Linear):
+            out[pre + "weight"] = ("matrix", (sub.out_features, sub.in_features), sub, "weight")
+            if sub.has_bias:
+                out[pre + "bias"] = ("vector", (sub.out_features,), sub, "bias")
+        elif isinstance(sub, Embedding):
+            out[pre + "weight"] = ("table", (sub.num, sub.dim), sub, "weight")
+        else:
+            for leaf, p in sub.named_parameters(recurse=False):
+                out[pre + leaf] = ("vector", tuple(p.shape), sub, leaf)
+    return {n: s for n, s in out.items() if only is None or n.startswith(only)}
+
+
+def attach(module: nn.Module, source: TensorBytes, prefix: str, dtype: torch.dtype, where: str,
+           only: tuple[str, ...] | None = None) -> None:
+    """Give `module` its tensors from `source` (file names = prefix + the module's own names);
+    `only` limits which of the module's tensors are expected (by name prefix). Raises
+    UnsupportedModelError for tensors the module does not take, ModelFileError for missing
+    tensors or wrong shapes."""
+    slots = _slots(module, only)
+    given = {name[len(prefix):]: value for name, value in source.items() if name.startswith(prefix)}
+    unknown = sorted(set(given) - set(slots))
+    if unknown:
+        raise UnsupportedModelError(f"{where}: tensors {unknown} are not used by this architecture as pipeload "
+                                    f"implements it; this model variant is not supported")
+    missing = sorted(set(slots) - set(given))
+    if missing:
+        raise ModelFileError(f"{where}: missing tensors {missing}")
+    for name, (ref, data) in given.items():
+        kind, shape, owner, leaf = slots[name]
+        if ref.shape != shape:
+            raise ModelFileError(f"{where}: tensor {name!r} has shape {list(ref.shape)}, "
+                                 f"the configuration implies {list(shape)}")
+        if kind == "matrix":
+            owner.weight = matrix_weight(ref, data, dtype)
+        elif kind == "table":
+            owner.weight, owner.dtype = table_weight(ref, data), dtype
+        else:
+            _put(owner, leaf, decode_tensor(ref, data, dtype).clone())
+
+
+def _put(owner: nn.Module, leaf: str, value: torch.Tensor) -> None:
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        setattr(owner, leaf, value)
+
+
+def matrix_weight(ref, data: torch.Tensor, dtype: torch.dtype) -> GGMLWeight:
+    """A Linear's GGMLWeight: the stored bytes themselves where they can serve, else (float32
+    reference mode, transposed or non-GGML storage) the values materialized once."""
+    n, k = ref.shape
+    stored = ref.info.dtype
+    as_stored = stored in GGMLQuantizationType.__members__ and (dtype != torch.float32 or stored == "F32")
+    if as_stored and ref.transform is None:
+        return GGMLWeight(GGMLQuantizationType[stored], (n, k), data.view(n, -1))  # (N, row bytes), a view
+    keep = stored if stored in FLOAT_TYPES and dtype != torch.float32 else "F32"
+    values = decode_tensor(ref, data, {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[keep])
+    shares = values.untyped_storage().data_ptr() == data.untyped_storage().data_ptr()
+    return float_weight(values.clone() if shares else values)
+
+
+def float_weight(values: torch.Tensor) -> GGMLWeight:
+    """A GGMLWeight over a float32/float16/bfloat16 matrix (N, K) in memory (not copied)."""
+    qtype = {torch.float32: GGMLQuantizationType.F32, torch.float16: GGMLQuantizationType.F16,
+             torch.bfloat16: GGMLQuantizationType.BF16}[values.dtype]
+    n = values.shape[0]
+    return GGMLWeight(qtype, tuple(values.shape), values.contiguous().view(torch.uint8).view(n, -1))
+
+
+def table_weight(ref, data: torch.Tensor) -> GGMLWeight:
+    """An Embedding's table as stored (rows are decoded when looked up)."""
+    n, k = ref.shape
+    if ref.transform is None and ref.info.dtype in GGMLQuantizationType.__members__:
+        return GGMLWeight(GGMLQuantizationType[ref.info.dtype], (n, k), data.view(n, -1))
+    return float_weight(decode_tensor(ref, data, torch.float32))
+
+
+def assign_values(module: nn.Module, values: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> None:
+    """Give `module` float tensors (name = prefix + the module's own names) instead of file bytes:
+    matrices and tables as GGMLWeights over those values (quantize.py runs blocks this way)."""
+    slots = _slots(module, None)
+    for name, value in values.items():
+        local = name[len(prefix):]
+        if local.startswith("rope_freqs"):
+            module.rope_freqs = value.float()
+            continue
+        kind, _, owner, leaf = slots[local]
+        if kind == "vector":
+            _put(owner, leaf, value.to(dtype))
+        else:
+            setattr(owner, leaf, float_weight(value.to(torch.float32)))
+            if kind == "table":
+                owner.dtype = dtype

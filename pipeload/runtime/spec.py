@@ -1,0 +1,111 @@
+"""Opening a model: the one place that turns a path into what the model is (docs/DESIGN.md, "file -> spec").
+
+`open_model(path)` reads the checkpoint's header (GGUF metadata or config.json and safetensors
+headers; no tensor data), finds the architecture module, builds its ModelArgs, indexes every
+tensor under its GGUF name by layer group, and chooses the compute dtype. The engine, the
+planner, the cluster's coordinator and stages, `convert`, `quantize`, `inspect` and `plan` all
+start from the ModelSpec it returns; none of them opens a checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from .. import models
+from ..errors import ModelFileError
+from ..weights.checkpoint import Checkpoint, open_checkpoint
+from ..weights.index import WeightsIndex, build_index
+
+
+@dataclass
+class ModelSpec:
+    """What a model file is: its checkpoint, architecture module and args, the weights index,
+    the name rules that index used, the compute dtype, and where its tokenizer comes from."""
+
+    checkpoint: Checkpoint
+    arch: ModuleType
+    args: Any
+    index: WeightsIndex
+    dtype: torch.dtype                # compute dtype of activations (float32: the exact reference path)
+    name_rules: list                  # the architecture's HF_NAME_RULES (plain data; unused for GGUF)
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.path
+
+    @property
+    def tokenizer_source(self) -> str:
+        """"gguf" (tokenizer.ggml.* metadata), "hf" (tokenizer files in the folder) or "none"."""
+        ckpt = self.checkpoint
+        if ckpt.format == "gguf":
+            return "gguf" if any(k.startswith("tokenizer.ggml.") for k in ckpt.config) else "none"
+        has = (ckpt.path / "tokenizer.json").is_file() or (ckpt.path / "tokenizer.model").is_file()
+        return "hf" if has else "none"
+
+    def load_tokenizer(self):
+        """The model's Tokenizer (weights/tokenizer.py), or None when the file has none."""
+        ckpt = self.checkpoint
+        if ckpt.format == "gguf":
+            from ..weights.gguf_tokenizer import tokenizer_from_gguf
+
+            return tokenizer_from_gguf(ckpt.config)
+        from ..weights.tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(ckpt.path)
+
+    def new_model(self) -> torch.nn.Module:
+        """The architecture's Model (embeddings and head) with no weights yet."""
+        return self.arch.Model(self.args)
+
+
+def model_args(ckpt: Checkpoint) -> tuple[ModuleType, Any]:
+    """(architecture module, ModelArgs) from a checkpoint's metadata; raises ModelFileError on
+    missing or malformed settings, UnsupportedModelError for unknown architectures."""
+    where = "GGUF metadata" if ckpt.format == "gguf" else "config.json"
+    try:
+        if ckpt.format == "gguf":
+            arch = models.for_gguf_architecture(ckpt.architecture)
+            shapes = {name: t.shape for name, t in ckpt.tensors.items()}
+            args = arch.ModelArgs.from_gguf(ckpt.architecture, ckpt.config, shapes)
+        else:
+            arch = models.for_hf_model_type(ckpt.architecture)
+            args = arch.ModelArgs.from_hf_config(ckpt.config, set(ckpt.tensors))
+    except KeyError as e:
+        raise ModelFileError(f"{ckpt.path}: {where} lacks {e.args[0]!r}") from None
+    except (TypeError, ZeroDivisionError) as e:
+        raise ModelFileError(f"{ckpt.path}: {where} has a missing or malformed setting ({e})") from None
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.type in ("int", int) and (not isinstance(value, int) or value <= 0):
+            raise ModelFileError(f"{ckpt.path}: model setting {field.name} = {value!r} is missing or not a positive integer")
+    return arch, args
+
+
+def compute_dtype(ckpt: Checkpoint, requested: torch.dtype | None) -> torch.dtype:
+    """The requested dtype, or by default float32 when every weight matrix is stored F32 (the
+    exact path), else bfloat16 (weights stay as stored either way; see runtime/blocks.py)."""
+    if requested is not None:
+        if requested not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"compute dtype must be float32 or bfloat16, got {requested}")
+        return requested
+    all_f32 = all(t.dtype in ("F32", "F64") for t in ckpt.tensors.values() if len(t.shape) >= 2)
+    return torch.float32 if all_f32 else torch.bfloat16
+
+
+def open_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> ModelSpec:
+    """The ModelSpec of a GGUF file or Hugging Face folder; raises ModelFileError (missing,
+    truncated or corrupt files, bad settings) or UnsupportedModelError (unknown architecture,
+    tensors the architecture does not use)."""
+    ckpt = open_checkpoint(path)
+    arch, args = model_args(ckpt)
+    rules = list(getattr(arch, "HF_NAME_RULES", []))
+    index = build_index(ckpt, args.n_layers, rules, args.tie_embeddings)
+    return ModelSpec(checkpoint=ckpt, arch=arch, args=args, index=index, dtype=compute_dtype(ckpt, dtype),
+                     name_rules=rules)
