@@ -35,7 +35,7 @@ class PipelineModel:
                         memory_limit: str | int | None = None, prefetch_depth: int = 2, parallel_loading: bool = True,
                         batch_size: int = 1, ctx: int | None = None, io_mode: str = "auto",
                         threads: int | None = None, device: str = "cpu", cluster: str | None = None, workers: int = 1,
-                        parallel: str = "pipeline") -> "PipelineModel":
+                        parallel: str = "pipeline", cluster_token: str | None = None) -> "PipelineModel":
         """Load a GGUF file or Hugging Face folder (None: the built-in model).
 
         memory_limit ("2GB", "1536MiB", bytes or None) caps peak RSS: what fits stays resident,
@@ -43,7 +43,8 @@ class PipelineModel:
         `parallel_loading`. `batch_size` and `ctx` size the KV cache the plan reserves.
         With `cluster="HOST:PORT"` the model runs on `workers` worker processes or machines
         (`pipeload worker --join HOST:PORT --model PATH` on each), split by layers
-        (parallel="pipeline") or by heads and columns ("tensor"); see pipeload/cluster/.
+        (parallel="pipeline") or by heads and columns ("tensor"); see pipeload/cluster/. Only
+        workers that prove they know `cluster_token` join (default: $PIPELOAD_CLUSTER_TOKEN).
         Raises ModelFileError / UnsupportedModelError / MemoryBudgetError (PipeloadError) on bad input.
         """
         from .runtime.memory import parse_size
@@ -60,7 +61,7 @@ class PipelineModel:
             from .cluster.launch import connect_cluster
 
             engine = connect_cluster(builtin_model_path() if path is None else path, cluster, workers, parallel,
-                                     DTYPES[dtype], context=ctx, batch=batch_size)
+                                     DTYPES[dtype], context=ctx, batch=batch_size, token=cluster_token)
             options = {"dtype": dtype, "batch_size": batch_size, "ctx": ctx, "cluster": cluster, "workers": workers,
                        "parallel": parallel}
             return cls(engine, engine.spec.load_tokenizer(), options)

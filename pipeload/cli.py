@@ -41,9 +41,15 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .api import PipelineModel
     from .runtime.memory import format_bytes
 
+    token = None
+    if a.cluster:
+        from .cluster.auth import load_token
+
+        token = load_token(a.token_file)
     model = PipelineModel.from_pretrained(a.model, dtype=a.dtype, threads=a.threads, memory_limit=a.memory_limit,
                                           prefetch_depth=a.prefetch_depth, ctx=a.ctx,
-                                          cluster=a.cluster, workers=a.workers, parallel=a.parallel)
+                                          cluster=a.cluster, workers=a.workers, parallel=a.parallel,
+                                          cluster_token=token)
     sampling = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
     if a.chat:
@@ -104,15 +110,28 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from .runtime.memory import parse_size
+    from .server.security import Limits, load_keys
     from .server.serve import ServeConfig, serve
 
+    limits = Limits(max_request_bytes=parse_size(a.max_request_bytes), max_tokens=a.max_tokens_cap, max_n=a.max_n,
+                    max_prompt_chars=a.max_prompt_chars, max_stop=a.max_stop, max_stop_chars=a.max_stop_chars,
+                    max_client_requests=a.max_client_requests)
+    for name, value in vars(limits).items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    cluster = None
+    if a.cluster:
+        from .cluster.auth import load_token
+
+        cluster = {"address": a.cluster, "workers": a.workers, "parallel": a.parallel,
+                   "token": load_token(a.token_file)}
     return serve(ServeConfig(
+        api_keys=load_keys(a.api_key, a.api_key_file), metrics_keys=load_keys(a.metrics_key, env={}), limits=limits,
         models=a.models, host=a.host, port=a.port, memory_limit=parse_size(a.memory_limit),
         total_memory=parse_size(a.total_memory), max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.ctx_size,
         exact=not a.fast_batching, dtype=a.dtype, threads=a.threads, preload=a.preload,
         drain_timeout=a.drain_timeout, log_level=a.log_level,
-        cluster={"address": a.cluster, "workers": a.workers, "parallel": a.parallel} if a.cluster else None,
-        lanes=a.lanes))
+        cluster=cluster, lanes=a.lanes))
 
 
 def _add_serve_parser(sub) -> None:
@@ -140,6 +159,24 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--drain-timeout", type=float, default=300.0,
                    help="seconds to let in-flight requests finish on SIGTERM / Ctrl-C (default 300)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("access", "who may use the server (see README: Serving safely)")
+    g.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1/* (repeatable; also $PIPELOAD_API_KEY; "
+                        "a key on the command line is visible to other users of this machine: prefer the file)")
+    g.add_argument("--api-key-file", default=None, metavar="FILE", help="API keys, one per line (# comments)")
+    g.add_argument("--metrics-key", action="append", default=[], metavar="KEY",
+                   help="a key that opens /metrics only (for a Prometheus scraper; repeatable)")
+    g = p.add_argument_group("limits", "what one request or one client may ask; beyond a limit: a 4xx naming it")
+    g.add_argument("--max-request-bytes", default="4MiB", help="request body size (default 4MiB; 413 beyond)")
+    g.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="max_tokens per choice, and the default when a request leaves it open (default: the context)")
+    g.add_argument("--max-n", type=int, default=16, help="choices per request, prompts x n (default 16)")
+    g.add_argument("--max-prompt-chars", type=int, default=262_144,
+                   help="prompt characters (or token ids) per request (default 262144)")
+    g.add_argument("--max-stop", type=int, default=16, help="stop strings per request (default 16)")
+    g.add_argument("--max-stop-chars", type=int, default=256, help="characters of one stop string (default 256)")
+    g.add_argument("--max-client-requests", type=int, default=64,
+                   help="requests in flight at once from one client address (default 64; 429 beyond)")
     _add_model_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_serve)

@@ -28,20 +28,28 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="workers to wait for with --cluster (default 1)")
     p.add_argument("--parallel", default="pipeline", choices=["pipeline", "tensor"],
                    help="split the model by layers (pipeline) or by heads and columns (tensor)")
+    _add_token_option(p)
+
+
+def _add_token_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="the cluster's join token (first line; default $PIPELOAD_CLUSTER_TOKEN): coordinator and "
+                        "workers prove they know it without sending it; without one anyone reaching the port can join")
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
     import torch
 
     from ..api import DTYPES
-    from ..runtime.memory import parse_size
-    from .worker import run_worker
-
     from ..errors import PipeloadError
+    from ..runtime.memory import parse_size
+    from .auth import load_token
+    from .worker import run_worker
 
     try:
         code = run_worker(a.join, a.model, memory_limit=parse_size(a.memory_limit), dtype=DTYPES[a.dtype],
-                          name=a.name, join_timeout=a.join_timeout, threads=a.threads or torch.get_num_threads())
+                          name=a.name, join_timeout=a.join_timeout, threads=a.threads or torch.get_num_threads(),
+                          token=load_token(a.token_file))
     except (PipeloadError, ValueError, OSError) as e:
         print(f"pipeload: error: {e}", file=sys.stderr)
         code = 2
@@ -135,6 +143,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--name", default=None, help="name in plans and errors (default: host:pid)")
     p.add_argument("--join-timeout", type=float, default=60.0, help="seconds to wait for the coordinator (default 60)")
+    _add_token_option(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("probe", help="measure this node: GFLOPS, memory/decode/disk bandwidth, free memory")

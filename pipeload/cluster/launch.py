@@ -194,38 +194,77 @@ class ClusterEngine:
         self.coordinator.close()
 
 
-def _accept_workers(store, n: int, fp: str, timeout: float, step_timeout: float) -> dict[int, dict]:
-    """{worker id: hello} of the first n workers whose hello passes; refused ones are told why.
-    Raises ClusterError when fewer than n pass within `timeout` seconds."""
+def _accept_workers(store, n: int, fp: str, timeout: float, step_timeout: float,
+                    token: str | None = None) -> dict[int, dict]:
+    """{worker id: hello} of the first n workers whose hello passes and who prove they know the
+    join token (cluster/auth.py; without a token, who answer the challenge); refused ones are told
+    why. Raises ClusterError when fewer than n pass within `timeout` seconds."""
+    import json
+
     from .. import __version__
+    from . import auth
 
     accepted: dict[int, dict] = {}
+    challenged: dict[int, tuple[dict, bytes, str]] = {}  # id -> (hello, its bytes, our nonce)
     refused: list[str] = []
     seen = 0
     deadline = time.monotonic() + timeout
+
+    def refuse(wid: int, reason: str) -> None:
+        import sys
+
+        refused.append(reason)
+        set_json(store, f"welcome/{wid}", {"error": reason})
+        print(f"pipeload: refused a worker: {reason}", file=sys.stderr, flush=True)
+
     while len(accepted) < n:
         joined = store.add("workers", 0)
-        while seen < joined and len(accepted) < n:
+        while seen < joined:
             key = f"hello/{seen + 1}"
             if not store.check([key]):
                 break
             seen += 1
-            h = get_json(store, key)
-            reason = check_hello(h, __version__, fp, started=False)
+            raw = store.get(key)
+            try:
+                h = json.loads(raw.decode())
+            except (UnicodeDecodeError, ValueError):
+                refuse(seen, f"worker {seen} sent a hello that is not JSON")
+                continue
+            reason = check_hello(h, __version__, fp, started=False) or auth.refusal_for_hello(token, h)
             if reason:
-                refused.append(reason)
-                set_json(store, f"welcome/{seen}", {"error": reason})
+                refuse(seen, reason)
+                continue
+            ch, nc = auth.challenge(token, seen, h)
+            set_json(store, f"challenge/{seen}", ch)
+            challenged[seen] = (h, raw, nc)
+        for wid in sorted(challenged):
+            if len(accepted) >= n:
+                break
+            if not store.check([f"proof/{wid}"]):
+                continue
+            h, raw, nc = challenged.pop(wid)
+            try:
+                reply = get_json(store, f"proof/{wid}")
+            except (UnicodeDecodeError, ValueError):
+                reply = {"error": "its proof is not JSON"}
+            reason = auth.check_worker_proof(token, wid, h, raw, nc, reply)
+            if reason:
+                refuse(wid, reason)
             else:
-                accepted[seen] = h
-                set_json(store, f"welcome/{seen}", {"ok": True, "version": __version__, "fingerprint": fp,
-                                                    "step_timeout": step_timeout})
+                accepted[wid] = h
+                set_json(store, f"welcome/{wid}", {"ok": True, "version": __version__, "fingerprint": fp,
+                                                   "step_timeout": step_timeout})
         if len(accepted) >= n:
             break
         if time.monotonic() > deadline:
             raise ClusterError(f"only {len(accepted)} of {n} workers joined within {timeout:.0f} s"
                                + (f"; refused: {'; '.join(refused)}" if refused else "")
-                               + "; start them with `pipeload worker --join HOST:PORT --model PATH`")
+                               + "; start them with `pipeload worker --join HOST:PORT --model PATH`"
+                               + (" --token-file FILE" if token is not None else ""))
         time.sleep(0.02)
+    for wid, (h, _, _) in challenged.items():  # answered too late: the cluster is full
+        set_json(store, f"welcome/{wid}", {"error": f"worker {h.get('name')} joined late: the cluster already "
+                                                    f"has its {n} workers"})
     return accepted
 
 
@@ -296,9 +335,15 @@ class _Planner:
 def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "pipeline",
                     dtype: torch.dtype | None = None, context: int | None = None, batch: int = 1,
                     join_timeout: float = 120.0, step_timeout: float = 60.0, load_timeout: float = 600.0,
-                    link: LinkSpec | None = None) -> ClusterEngine:
+                    link: LinkSpec | None = None, token: str | None = None) -> ClusterEngine:
     """Form a cluster of `workers` workers for the model at `path` and return it as an Engine.
+    Only workers that prove they know `token` join (default: $PIPELOAD_CLUSTER_TOKEN; without
+    one, anyone who reaches the port may, and a warning says so).
     Raises ClusterError (port in use, workers missing or refused, a worker failing to load)."""
+    import sys
+
+    from .auth import load_token, no_token_warning
+
     if mode not in MODES:
         raise ValueError(f"cluster mode must be one of {MODES}, got {mode!r}")
     if workers < 1:
@@ -308,11 +353,14 @@ def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "p
     context = min(context or args.context_length, args.context_length)
     fp = fingerprint(ckpt.path)
     host, port = parse_address(address)
+    token = token if token is not None else load_token()
     store = host_store(host, port, join_timeout)
+    if token is None:
+        print(no_token_warning(f"{host}:{port}"), file=sys.stderr, flush=True)
     local = "127.0.0.1" if host in ("0.0.0.0", "") else host
     monitor_store = join_store(local, port, join_timeout)
     store.set("ping_rounds", "20")
-    hellos = _accept_workers(store, workers, fp, join_timeout, step_timeout)
+    hellos = _accept_workers(store, workers, fp, join_timeout, step_timeout, token)
     ids = sorted(hellos)
     rank_of = {wid: r + 1 for r, wid in enumerate(ids)}
     nodes = dict(zip(ids, even_out_host_peers([node_spec(wid, hellos[wid]) for wid in ids])))

@@ -14,6 +14,7 @@ a second; the thread then drops messages until the next epoch.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PipeloadError
+from . import auth
 from . import protocol as P
 from .rendezvous import (ClusterError, check_hello, fingerprint, get_json, hello, join_store, parse_address,
                          set_json, wait_key)
@@ -34,8 +36,10 @@ HEARTBEAT = 0.2
 
 class Worker:
     def __init__(self, address: str, model_path: str | Path, memory_limit: int | None = None,
-                 dtype: torch.dtype | None = None, name: str | None = None, join_timeout: float = 30.0):
+                 dtype: torch.dtype | None = None, name: str | None = None, join_timeout: float = 30.0,
+                 token: str | None = None):
         host, port = parse_address(address)
+        self.address, self.token = f"{host}:{port}", token
         self.store = join_store(host, port, join_timeout)
         self.beat_store = join_store(host, port, join_timeout)  # heartbeats never wait behind a blocking get
         self.model_path = Path(model_path)
@@ -71,13 +75,22 @@ class Worker:
         figures.update({"memory_limit": self.stage.memory_limit, "free_memory": free_memory(),
                         "rss": current_rss(), "threads": torch.get_num_threads(), "cores": os.cpu_count()})
         fp = fingerprint(self.model_path)
-        set_json(self.store, f"hello/{self.id}", hello(self.name, fp, figures))
+        my_nonce = auth.nonce()
+        raw = json.dumps({**hello(self.name, fp, figures), "nonce": my_nonce, "token": self.token is not None}).encode()
+        self.store.set(f"hello/{self.id}", raw)
         try:
-            reply = get_json_wait(self.store, f"welcome/{self.id}", join_timeout)
+            key, reply = wait_first(self.store, [f"challenge/{self.id}", f"welcome/{self.id}"], join_timeout)
+            if key.startswith("challenge/"):  # see cluster/auth.py: check the coordinator, then prove ourselves
+                reason = auth.check_challenge(self.token, self.id, my_nonce, reply)
+                if reason:
+                    set_json(self.store, f"proof/{self.id}", {"error": reason})
+                    raise ClusterError(f"worker {self.name} will not join {self.address}: {reason}")
+                set_json(self.store, f"proof/{self.id}", auth.answer(self.token, self.id, my_nonce, reply, raw))
+                reply = get_json_wait(self.store, f"welcome/{self.id}", join_timeout)
         except TimeoutError:
             raise ClusterError(f"the coordinator did not answer worker {self.name} within {join_timeout:.0f} s") from None
         if "error" in reply:
-            raise ClusterError(reply["error"])
+            raise ClusterError(f"the coordinator at {self.address} refused worker {self.name}: {reply['error']}")
         # a refusal for a reason the coordinator could not see (it checks too; this names the side)
         reason = check_hello({"version": __version__, "fingerprint": fp, "name": self.name}, reply["version"],
                              reply["fingerprint"], False)
@@ -301,18 +314,30 @@ def _is_transport_error(e: Exception) -> bool:
 
 
 def get_json_wait(store, key: str, timeout: float) -> dict:
-    import json
-
     return json.loads(wait_key(store, key, timeout).decode())
 
 
+def wait_first(store, keys: list[str], timeout: float, poll: float = 0.05) -> tuple[str, dict]:
+    """(key, JSON value) of the first of `keys` to be set; raises TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for key in keys:
+            if store.check([key]):
+                return key, json.loads(store.get(key).decode())
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"none of {keys} was set within {timeout:.0f} s")
+        time.sleep(poll)
+
+
 def run_worker(address: str, model_path: str, memory_limit: int | None = None, dtype: torch.dtype | None = None,
-               name: str | None = None, join_timeout: float = 30.0, threads: int | None = None) -> int:
-    """Join the cluster at `address` and serve until the coordinator ends; returns an exit code.
+               name: str | None = None, join_timeout: float = 30.0, threads: int | None = None,
+               token: str | None = None) -> int:
+    """Join the cluster at `address` (proving it knows the join `token`, if any) and serve until the
+    coordinator ends; returns an exit code.
     Raises ClusterError (refused, unreachable coordinator) and model loading errors."""
     if threads:
         torch.set_num_threads(threads)
-    w = Worker(address, model_path, memory_limit, dtype, name, join_timeout)
+    w = Worker(address, model_path, memory_limit, dtype, name, join_timeout, token=token)
     w.join(join_timeout)
     print(f"pipeload worker {w.name}: joined {address} as worker {w.id}", flush=True)
     code = w.serve()

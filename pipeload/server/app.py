@@ -5,8 +5,11 @@
     GET  /v1/models/{name}
     POST /v1/completions        OpenAI completions (stream: true -> server-sent events)
     POST /v1/chat/completions   OpenAI chat completions
-    GET  /health                server and per-model state (loaded/unloaded/loading/dead/error)
-    GET  /metrics               Prometheus text format
+    GET  /health                ok / not ok; with the key (or no keys set): per-model state and figures
+    GET  /metrics               Prometheus text format (an API key or the metrics key, when keys are set)
+    GET  /openapi.json          the OpenAPI document (request and response schemas, limits, model names)
+
+Keys, limits per request and per client address: security.py (a middleware in front of all this).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .completions import handle_completion
 from .errors import APIError
 from .metrics import Metrics
+from .openapi import openapi_document
 from .registry import Registry
+from .security import Keys, Limits, SecurityMiddleware
 
 log = logging.getLogger("pipeload.server")
 STATIC = Path(__file__).parent / "static"
@@ -35,8 +40,11 @@ def _model_card(name: str, handle, created: int) -> dict:
             "state": handle.state, "context_length": handle.info.get("context_length")}
 
 
-def create_app(registry: Registry, preload: bool = False) -> FastAPI:
-    """The ASGI app serving `registry`'s models; its shutdown stops the workers."""
+def create_app(registry: Registry, preload: bool = False, keys: Keys | None = None,
+               limits: Limits | None = None) -> FastAPI:
+    """The ASGI app serving `registry`'s models behind `keys` and `limits` (default: open, default
+    limits); its shutdown stops the workers."""
+    keys, limits = keys or Keys(), limits or Limits()
     metrics = Metrics(registry)
     created = int(time.time())
 
@@ -54,7 +62,9 @@ def create_app(registry: Registry, preload: bool = False) -> FastAPI:
             await registry.close()
 
     app = FastAPI(title="pipeload", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.registry, app.state.metrics = registry, metrics
+    app.state.registry, app.state.metrics, app.state.limits = registry, metrics, limits
+    app.add_middleware(SecurityMiddleware, keys=keys, limits=limits)
+    document = openapi_document(list(registry.handles), limits, keys.required)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -78,7 +88,7 @@ def create_app(registry: Registry, preload: bool = False) -> FastAPI:
 
     async def completion(request: Request, kind: str, endpoint: str):
         try:
-            response = await handle_completion(request, kind, registry, metrics)
+            response = await handle_completion(request, kind, registry, metrics, limits)
         except APIError as e:
             metrics.requests.labels(getattr(request.state, "model", "unknown"), endpoint, str(e.status)).inc()
             raise
@@ -102,11 +112,17 @@ def create_app(registry: Registry, preload: bool = False) -> FastAPI:
         return _model_card(name, registry.get(name), created)
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         models = {n: h.describe() for n, h in registry.handles.items()}
         ok = not registry.closing and all(m["state"] not in ("dead", "error") for m in models.values())
-        return JSONResponse({"status": "ok" if ok else "degraded" if not registry.closing else "shutting_down",
-                             "models": models}, status_code=200 if ok else 503)
+        body = {"status": "ok" if ok else "degraded" if not registry.closing else "shutting_down"}
+        if request.state.authorized:  # paths, pids and figures only for those with a key
+            body["models"] = models
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/openapi.json")
+    async def openapi():
+        return document
 
     @app.get("/metrics")
     async def prometheus():

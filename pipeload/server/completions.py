@@ -22,6 +22,7 @@ from .errors import APIError
 from .handle import WorkerHandle
 from .metrics import Metrics
 from .registry import Registry
+from .security import Limits
 
 
 @dataclass
@@ -147,12 +148,14 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def handle_completion(request: Request, kind: str, registry: Registry, metrics: Metrics):
-    """The response to one completion or chat completion request; raises APIError on bad input."""
+async def handle_completion(request: Request, kind: str, registry: Registry, metrics: Metrics, limits: Limits):
+    """The response to one completion or chat completion request; raises APIError on bad input
+    or an exceeded limit."""
     body = schemas.parse_body(await request.body(), schemas.ChatRequest if kind == "chat"
                               else schemas.CompletionRequest)
     if body.model in registry.handles:
         request.state.model = body.model  # for the metrics' labels
+    limits.check_request(kind, body)
     handle = await registry.acquire(body.model)
     n = len(body.prompt if kind == "completion" else [0]) * body.n
     registry.check_capacity(handle, n)

@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import APIError
 
-MAX_STOP = 16
-
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -35,7 +33,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1)  # at most --max-n choices (security.Limits)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Any = None
@@ -51,9 +49,9 @@ class _Sampling(BaseModel):
             return []
         if isinstance(v, str):
             return [v]
-        if isinstance(v, list) and all(isinstance(s, str) for s in v) and len(v) <= MAX_STOP:
-            return v
-        raise ValueError(f"stop must be a string or a list of at most {MAX_STOP} strings")
+        if isinstance(v, list) and all(isinstance(s, str) for s in v):
+            return v  # how many and how long: security.Limits
+        raise ValueError("stop must be a string or a list of strings")
 
     def check_supported(self) -> None:
         """Raise APIError(400) for accepted-but-unsupported values."""
@@ -163,7 +161,7 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:
-        req = model.model_validate(data)
+        req = model.model_validate(data, strict=True)  # no "1" for a number, no true for an integer
     except ValidationError as e:
         err = e.errors()[0]
         param = _param(err["loc"])

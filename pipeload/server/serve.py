@@ -18,6 +18,7 @@ import uvicorn
 
 from .app import create_app
 from .registry import Registry, parse_model_specs
+from .security import Keys, Limits, is_loopback
 
 
 @dataclass
@@ -40,6 +41,9 @@ class ServeConfig:
     log_level: str = "info"
     cluster: dict | None = None       # {"address", "workers", "parallel"}: the model runs on a cluster
     lanes: int | None = None          # batches in flight per model (None: pipeline stages, else 1)
+    api_keys: list[str] = field(default_factory=list)      # any of them opens /v1/* (none: open)
+    metrics_keys: list[str] = field(default_factory=list)  # open /metrics only
+    limits: Limits = field(default_factory=Limits)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -77,18 +81,33 @@ def build_registry(cfg: ServeConfig) -> Registry:
     return Registry(specs, options, total_memory=cfg.total_memory, max_queue=cfg.max_queue)
 
 
+def access_warning(host: str, port: int, keys: Keys) -> str | None:
+    """The warning printed at start when the server listens beyond loopback without a key."""
+    if keys.required or is_loopback(host):
+        return None
+    return (f"pipeload serve: warning: listening on {host or 'every address'} without an API key: anyone who can "
+            f"reach port {port} can use the models and read /health and /metrics; start with --api-key-file FILE "
+            f"(or PIPELOAD_API_KEY) to require a key")
+
+
 def serve(cfg: ServeConfig) -> int:
     """Run the server until SIGTERM / Ctrl-C; returns the exit status."""
     from prometheus_client import disable_created_metrics
 
     disable_created_metrics()  # no *_created series: they only clutter the exposition
     registry = build_registry(cfg)
-    app = create_app(registry, preload=cfg.preload)
+    keys = Keys(cfg.api_keys, cfg.metrics_keys)
+    app = create_app(registry, preload=cfg.preload, keys=keys, limits=cfg.limits)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                             timeout_graceful_shutdown=cfg.drain_timeout, timeout_keep_alive=5)
     server = _DrainingServer(config)
     names = ", ".join(f"{s.name} ({s.path})" for s in (h.spec for h in registry.handles.values()))
-    print(f"pipeload serve: models {names}; http://{cfg.host}:{cfg.port}/", file=sys.stderr, flush=True)
+    print(f"pipeload serve: models {names}; http://{cfg.host}:{cfg.port}/"
+          + (f" ({len(cfg.api_keys)} API key{'s' * (len(cfg.api_keys) > 1)})" if keys.required else ""),
+          file=sys.stderr, flush=True)
+    warning = access_warning(cfg.host, cfg.port, keys)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     try:
         server.run()
     finally:

@@ -237,7 +237,8 @@ def _cluster_options(cluster: dict | None) -> dict[str, Any]:
     """from_pretrained arguments that put the model on a cluster (pipeload serve --cluster)."""
     if not cluster:
         return {}
-    return {"cluster": cluster["address"], "workers": cluster["workers"], "parallel": cluster["parallel"]}
+    return {"cluster": cluster["address"], "workers": cluster["workers"], "parallel": cluster["parallel"],
+            "cluster_token": cluster.get("token")}
 
 
 def worker_main(conn: Connection, options: dict[str, Any]) -> None:
