@@ -52,3 +52,32 @@ def test_typing_a_message_streams_a_reply(browser, tmp_path):
         page.wait_for_function("document.querySelector('#model').selectedOptions[0].textContent == 'beta (loaded)'")
         page.screenshot(path=str(tmp_path / "chat.png"))
         page.close()
+
+
+def test_the_page_asks_for_the_key_once_and_keeps_it_for_the_session(browser, tmp_path):
+    key = "sk-web-page-key"
+    with ServerProcess(f"alpha={chat_model(0)}", "--api-key", key, log=tmp_path / "server.log") as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("#key-form:not([hidden])")
+        assert page.locator("#model option").count() == 0  # nothing is listed without the key
+        page.fill("#api-key", "sk-wrong")
+        page.click("#use-key")
+        page.wait_for_function("document.querySelector('#key-error').textContent.includes('refused')")
+        assert not page.locator("#key-form").is_hidden()
+        page.fill("#api-key", key)
+        page.click("#use-key")
+        page.wait_for_function("document.querySelectorAll('#model option').length == 1")
+        assert page.locator("#key-form").is_hidden()
+        page.fill("#max-tokens", "8")
+        page.fill("#temperature", "0")
+        page.fill("#prompt", "Hello")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('#stats').textContent.includes('first token after')",
+                               timeout=60_000)
+        assert page.locator(".msg.assistant").inner_text().strip() and page.locator(".msg.error").count() == 0
+        assert page.evaluate("sessionStorage.getItem('pipeload-api-key')") == key
+        page.reload()  # the same tab keeps the key: no second question
+        page.wait_for_function("document.querySelectorAll('#model option').length == 1")
+        assert page.locator("#key-form").is_hidden()
+        page.close()
