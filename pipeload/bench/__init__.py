@@ -9,4 +9,5 @@ SECTIONS = {
     "quality": "perplexity and KL divergence of each quantization method on held-out text",
     "serving": "throughput and latency of pipeload serve with concurrent clients",
     "cluster": "pipeline and tensor parallel over several processes or network namespaces",
+    "api_fuzz": "schemathesis against pipeload serve's OpenAPI document: no 5xx, no hang, answers as documented",
 }

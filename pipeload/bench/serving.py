@@ -85,9 +85,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_server(models: list[str], *args: str, log: Path | None = None, startup_timeout: float = 600.0
-                   ) -> Iterator[str]:
-    """`pipeload serve MODELS --preload ARGS` on a free loopback port; yields its base URL; SIGTERM at exit."""
+def running_server(models: list[str], *args: str, log: Path | None = None, startup_timeout: float = 600.0,
+                   headers: dict | None = None) -> Iterator[str]:
+    """`pipeload serve MODELS --preload ARGS` on a free loopback port; yields its base URL; SIGTERM at exit.
+    `headers` go with its /health requests (the API key of a server started with one)."""
     import httpx
 
     port = _free_port()
@@ -108,7 +109,8 @@ def running_server(models: list[str], *args: str, log: Path | None = None, start
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"pipeload serve did not start within {startup_timeout:.0f} s") from None
                 time.sleep(0.2)
-        broken = {n: m["last_error"] for n, m in httpx.get(url + "/health", timeout=30).json()["models"].items()
+        health = httpx.get(url + "/health", headers=headers, timeout=30).json()
+        broken = {n: m["last_error"] for n, m in health["models"].items()
                   if m["state"] != "loaded"}
         if broken:
             raise RuntimeError(f"models did not load: {broken}")

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-4  # below it sampling is greedy in all but name; the division stays finite
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -54,7 +56,7 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[list[int]], pen
 
 def filter_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Probabilities (B, V) after temperature, top-k, top-p and min-p, renormalised."""
-    logits = logits / p.temperature
+    logits = logits / max(p.temperature, MIN_TEMPERATURE)  # (a tiny temperature would overflow to inf / nan)
     if p.top_k > 0 and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -62,7 +64,9 @@ def filter_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above
-        sorted_probs = sorted_probs.masked_fill(before >= p.top_p, 0.0)  # the first token always stays
+        drop = before >= p.top_p
+        drop[..., 0] = False  # the first token always stays (a top_p that rounds to 0 in float32 kept none)
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     if p.min_p > 0.0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, 0.0)
@@ -88,5 +92,9 @@ class Sampler:
         if p.greedy:
             return logits.argmax(-1).tolist()
         probs = filter_probs(logits, p)
+        broken = ~torch.isfinite(probs).all(-1)  # extreme parameters (a penalty of 1e-300) overflowed: greedy
+        if broken.any():
+            probs[broken] = torch.nn.functional.one_hot(logits[broken].nan_to_num(float("-inf")).argmax(-1),
+                                                        probs.shape[-1]).to(probs.dtype)
         rows = rows if rows is not None else list(range(logits.shape[0]))
         return [int(torch.multinomial(probs[i], 1, generator=self.generators[s])) for i, s in enumerate(rows)]

@@ -45,6 +45,8 @@ _MODEL = {"type": "object", "required": ["id", "object", "created", "owned_by", 
     "context_length": {"type": ["integer", "null"]}}}
 _MODEL_LIST = {"type": "object", "required": ["object", "data"],
                "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}}
+_EVENT = {"type": "object", "required": ["data"],  # one server-sent event: a chunk's JSON, an error's, or [DONE]
+          "properties": {"data": {"type": "string", "minLength": 1}, "event": {"type": "string"}}}
 _HEALTH = {"type": "object", "required": ["status"], "properties": {
     "status": {"enum": ["ok", "degraded", "shutting_down"]}, "models": {"type": "object"}}}
 
@@ -100,7 +102,7 @@ def openapi_document(names: list[str], limits: Limits, keys_required: bool) -> d
     def post(summary: str, request: str, response: dict) -> dict:
         ok = {"description": "the completion (JSON), or with stream: true server-sent events ending in "
                              "`data: [DONE]`",
-              "content": {"application/json": {"schema": response}, "text/event-stream": {"schema": {"type": "string"}}}}
+              "content": {"application/json": {"schema": response}, "text/event-stream": {"schema": _EVENT}}}
         return {"post": {"summary": summary, **secured, "requestBody": {
             "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}}},
             "responses": {"200": ok, **_errors(400, 401, 404, 413, 429, 503)}}}

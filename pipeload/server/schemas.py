@@ -37,7 +37,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Any = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's (torch seeds no wider)
     user: str | None = None
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
