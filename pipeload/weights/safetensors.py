@@ -34,6 +34,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelFileError(f"{path}: corrupt safetensors header: {e}") from None
+        except RecursionError:
+            raise ModelFileError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
@@ -41,21 +43,29 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ModelFileError(f"{path}: corrupt safetensors entry for {name!r}: {entry!r}") from None
-        if dtype not in ITEM_SIZES:
-            raise ModelFileError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+                and all(_is_int(v) for v in entry["shape"] + entry["data_offsets"])):
+            raise ModelFileError(f"{path}: corrupt safetensors entry for {name!r}: {str(entry)[:200]}")
+        dtype, shape, (begin, end) = entry.get("dtype"), tuple(entry["shape"]), entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in ITEM_SIZES:
+            raise ModelFileError(f"{path}: tensor {name!r} has unsupported dtype {str(dtype)[:40]!r}")
+        if any(d < 0 or d > size for d in shape):  # (no dimension can exceed the file's bytes)
+            raise ModelFileError(f"{path}: tensor {name!r} has impossible shape {list(shape)[:8]}")
         count = 1
         for d in shape:
-            count *= d
-        if any(d < 0 for d in shape) or end - begin != count * ITEM_SIZES[dtype] or begin < 0:
-            raise ModelFileError(f"{path}: tensor {name!r} shape {list(shape)} does not match its byte range {begin}..{end}")
+            count = min(count * d, size + 1)  # past the file's size it cannot match: stop growing
+        if end - begin != count * ITEM_SIZES[dtype] or begin < 0:
+            raise ModelFileError(f"{path}: tensor {name!r} shape {list(shape)[:8]} does not match its byte range "
+                                 f"{begin}..{end}")
         if base + end > size:
             raise ModelFileError(f"{path}: truncated: tensor {name!r} ends at byte {base + end}, file has {size}")
         infos[name] = TensorInfo(name=name, path=path, offset=base + begin, nbytes=end - begin, shape=shape, dtype=dtype)
     return infos
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
@@ -65,14 +75,18 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]
         raise ModelFileError(f"{folder}: not a model folder (no config.json)")
     try:
         config = json.loads(config_path.read_text())
+    except RecursionError:
+        raise ModelFileError(f"{config_path}: JSON nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{config_path}: not valid JSON: {e}") from None
     index_path = folder / "model.safetensors.index.json"
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
             raise ModelFileError(f"{index_path}: corrupt shard index: {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelFileError(f"{index_path}: corrupt shard index: weight_map must map tensor names to file names")
         shards = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").is_file():
         shards = ["model.safetensors"]

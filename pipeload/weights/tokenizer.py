@@ -347,6 +347,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError:
+        raise ModelFileError(f"{path}: JSON nested too deeply to be a tokenizer file") from None
     if not isinstance(data, dict):
         raise ModelFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
