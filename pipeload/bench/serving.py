@@ -15,6 +15,7 @@ the throughput benchmark sends token ids and runs on any model.)
     python -m pipeload.bench.serving                                   # built-in model
     python -m pipeload.bench.serving --model big.gguf --memory-limit 2GB
     python -m pipeload.bench.serving --load-test --clients 32 --duration 600
+    python -m pipeload.bench.serving --load-test --clients 32 --duration 600 --hostile 0.25   # a quarter hostile
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class LevelResult:
     ttft: list[float] = field(default_factory=list)
     tpot: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    hostile: int = 0          # hostile requests sent (hostile.py), not counted in `requests`
+    hostile_failed: int = 0   # ... that did not get the 4xx they must get
+    hostile_errors: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -70,6 +74,8 @@ class LevelResult:
     def as_dict(self) -> dict:
         return {"clients": self.clients, "requests": self.requests, "failed": self.failed,
                 "completion_tokens": self.completion_tokens, "seconds": self.seconds,
+                "hostile": self.hostile, "hostile_failed": self.hostile_failed,
+                "hostile_errors": self.hostile_errors[:5],
                 "tokens_per_second": self.tokens_per_second,
                 **{f"ttft_p{p}": percentile(self.ttft, p) for p in (50, 90, 99)},
                 **{f"tpot_p{p}": percentile(self.tpot, p) for p in (50, 90, 99)}, "errors": self.errors[:5]}
@@ -137,14 +143,14 @@ async def _sse(response) -> AsyncIterator[dict | str]:
             yield data if data == "[DONE]" else json.loads(data)
 
 
-async def one_request(client, model: str, body: dict, result: LevelResult) -> bool:
-    """Send one request (streaming or not) and record it in `result`; True if it completed."""
+async def one_request(client, model: str, body: dict, result: LevelResult, headers: dict | None = None) -> bool:
+    """Send one request (streaming or not, with `headers`) and record it in `result`; True if it completed."""
     t0 = time.perf_counter()
     body = {"model": model, **body}
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     try:
         if not body.get("stream"):
-            r = await client.post(path, json=body)
+            r = await client.post(path, json=body, headers=headers)
             if r.status_code != 200:
                 raise RuntimeError(f"status {r.status_code}: {r.text[:200]}")
             data = r.json()
@@ -154,7 +160,8 @@ async def one_request(client, model: str, body: dict, result: LevelResult) -> bo
             return True
         first = last = None
         tokens, done, usage = 0, False, None
-        async with client.stream("POST", path, json={**body, "stream_options": {"include_usage": True}}) as r:
+        async with client.stream("POST", path, json={**body, "stream_options": {"include_usage": True}},
+                                 headers=headers) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"status {r.status_code}: {(await r.aread())[:200]!r}")
             async for event in _sse(r):
@@ -187,9 +194,24 @@ async def one_request(client, model: str, body: dict, result: LevelResult) -> bo
 
 
 async def run_level(url: str, model: str, clients: int, bodies, requests_per_client: int | None = None,
-                    duration: float | None = None, timeout: float = 600.0) -> LevelResult:
-    """`clients` concurrent clients, each sending bodies() one after another, for a count or a duration."""
+                    duration: float | None = None, timeout: float = 600.0, key: str | None = None) -> LevelResult:
+    """`clients` concurrent clients, each sending bodies() one after another, for a count or a duration.
+    A body {"hostile": KIND} is a hostile request (hostile.py); the others go with the API `key`."""
     import httpx
+
+    from .hostile import send_hostile
+
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+
+    async def hostile(client, kind: str, rng: random.Random) -> None:
+        result.hostile += 1
+        try:
+            problem = await send_hostile(client, model, kind, rng, key)
+        except Exception as e:  # noqa: BLE001 - a hang-up or timeout is a failure like any other
+            problem = f"{kind}: {type(e).__name__}: {e}"
+        if problem:
+            result.hostile_failed += 1
+            result.hostile_errors.append(problem)
 
     result = LevelResult(clients=clients)
     deadline = time.monotonic() + duration if duration else None
@@ -199,7 +221,11 @@ async def run_level(url: str, model: str, clients: int, bodies, requests_per_cli
             n = 0
             while (requests_per_client is None or n < requests_per_client) and (
                     deadline is None or time.monotonic() < deadline):
-                await one_request(client, model, bodies(i, n), result)
+                body = bodies(i, n)
+                if "hostile" in body:
+                    await hostile(client, body["hostile"], random.Random(i * 7919 + n))
+                else:
+                    await one_request(client, model, body, result, headers)
                 n += 1
 
     t0 = time.perf_counter()
@@ -258,6 +284,7 @@ class LoadTestResult:
     level: LevelResult
     server_answered: int      # requests the server counted as answered with 200
     slots_in_use_after: int   # requests still in flight in the server after the clients stopped
+    worker_restarts: int = 0  # times a model's worker died and was restarted during the run
 
     @property
     def lost(self) -> int:
@@ -266,26 +293,39 @@ class LoadTestResult:
 
     @property
     def ok(self) -> bool:
-        return self.level.failed == 0 and self.lost == 0 and self.slots_in_use_after == 0
+        return (self.level.failed == 0 and self.lost == 0 and self.slots_in_use_after == 0
+                and self.level.hostile_failed == 0 and self.worker_restarts == 0)
 
     def summary(self) -> str:
         lv = self.level
-        return (f"load test: {self.clients} clients for {self.duration:.0f} s: {lv.requests} requests, "
-                f"{lv.failed} failed, {self.lost} lost, {self.slots_in_use_after} slots left in use; "
+        hostile = (f"; {lv.hostile} hostile requests, {lv.hostile_failed} answered wrongly" if lv.hostile else "")
+        return (f"load test: {self.clients} clients for {self.duration:.0f} s: {lv.requests} valid requests, "
+                f"{lv.failed} failed, {self.lost} lost, {self.slots_in_use_after} slots left in use, "
+                f"{self.worker_restarts} worker restarts{hostile}; "
                 f"{lv.completion_tokens} tokens, {lv.tokens_per_second:.1f} tok/s; TTFT p50 "
                 f"{percentile(lv.ttft, 50):.3f} s, p99 {percentile(lv.ttft, 99):.3f} s -> "
-                f"{'PASS' if self.ok else 'FAIL'}" + (f"; first errors: {lv.errors[:3]}" if lv.errors else ""))
+                f"{'PASS' if self.ok else 'FAIL'}" + (f"; first errors: {lv.errors[:3]}" if lv.errors else "")
+                + (f"; first hostile errors: {lv.hostile_errors[:3]}" if lv.hostile_errors else ""))
 
 
 def load_test(model: str | None = None, clients: int = 32, duration: float = 600.0, memory_limit: str | None = None,
-              max_batch: int = 16, ctx: int | None = 512, log: Path | None = None) -> LoadTestResult:
-    """`clients` clients for `duration` seconds with a random mix of requests; see the module docstring."""
+              max_batch: int = 16, ctx: int | None = 512, log: Path | None = None,
+              hostile: float = 0.0) -> LoadTestResult:
+    """`clients` clients for `duration` seconds with a random mix of requests; see the module docstring.
+    With `hostile` > 0 the server needs an API key and has the limits of hostile.SOAK_LIMITS, and
+    that fraction of the requests is malformed, oversized, over a limit or without the key
+    (hostile.KINDS, in turn); each must get its 4xx while every valid request still completes."""
     import httpx
 
     from ..api import builtin_model_path
+    from .hostile import KINDS, SOAK_LIMITS
 
     path = str(model or builtin_model_path())
     args = ["--max-batch", str(max_batch), "--max-queue", str(4 * clients)]
+    key = None
+    if hostile:
+        key = "sk-soak-" + os.urandom(8).hex()
+        args += ["--api-key", key] + [str(x) for kv in SOAK_LIMITS.items() for x in kv]
     args += ["--ctx-size", str(ctx)] if ctx else []
     args += ["--memory-limit", memory_limit] if memory_limit else []
 
@@ -299,15 +339,18 @@ def load_test(model: str | None = None, clients: int = 32, duration: float = 600
             body["prompt"] = rng.choice(PROMPTS)
         if rng.random() < 0.2:
             body["stop"] = ["\n\n"]
+        if rng.random() < hostile:
+            return {"hostile": KINDS[(i + n) % len(KINDS)]}
         return body
 
-    with running_server([f"m={path}"], *args, log=log) as url:
-        level = asyncio.run(run_level(url, "m", clients, bodies, duration=duration))
-        metrics = httpx.get(url + "/metrics", timeout=30).text
+    auth = {"Authorization": f"Bearer {key}"} if key else None
+    with running_server([f"m={path}"], *args, log=log, headers=auth) as url:
+        level = asyncio.run(run_level(url, "m", clients, bodies, duration=duration, key=key))
+        metrics = httpx.get(url + "/metrics", headers=auth, timeout=30).text
         answered = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                        if line.startswith("pipeload_requests_total{") and 'status="200"' in line)
-        in_flight = httpx.get(url + "/health", timeout=30).json()["models"]["m"]["in_flight"]
-    return LoadTestResult(clients, duration, level, int(answered), in_flight)
+        model = httpx.get(url + "/health", headers=auth, timeout=30).json()["models"]["m"]
+    return LoadTestResult(clients, duration, level, int(answered), model["in_flight"], model["restarts"])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -322,6 +365,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx-size", type=int, default=512, help="context per sequence (default 512)")
     p.add_argument("--load-test", action="store_true", help="run the load test instead")
     p.add_argument("--duration", type=float, default=600.0, help="load test seconds (default 600)")
+    p.add_argument("--hostile", type=float, default=0.0,
+                   help="load test: this fraction of requests malformed, oversized, over a limit or without the "
+                        "API key (e.g. 0.25; the server then needs a key)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--log", default=None, help="server log file")
 
@@ -330,11 +376,13 @@ def run(a: argparse.Namespace) -> int:
     """Run the serving benchmark (or the load test) as `pipeload bench serving` was asked to."""
     log = Path(a.log) if a.log else None
     if a.load_test:
-        result = load_test(a.model, int(a.clients or 32), a.duration, a.memory_limit, ctx=a.ctx_size, log=log)
+        result = load_test(a.model, int(a.clients or 32), a.duration, a.memory_limit, ctx=a.ctx_size, log=log,
+                           hostile=a.hostile)
         print(result.summary())
         if a.json:
             Path(a.json).write_text(json.dumps({**result.level.as_dict(), "lost": result.lost,
-                                                "server_answered": result.server_answered, "ok": result.ok}))
+                                                "server_answered": result.server_answered,
+                                                "worker_restarts": result.worker_restarts, "ok": result.ok}))
         return 0 if result.ok else 1
     clients = tuple(int(c) for c in (a.clients or "1,4,8,16").split(","))
     results = bench_serving(a.model, clients, a.max_tokens, a.requests_per_client, a.memory_limit,
