@@ -153,8 +153,8 @@ def _add_serve_parser(sub) -> None:
                    help="requests that may wait for a slot per model; beyond it: 429 (default 64)")
     p.add_argument("--ctx-size", type=int, default=None, help="context per sequence (default: the model's)")
     p.add_argument("--fast-batching", action="store_true",
-                   help="share matrix products across the batch: faster, but batched tokens may differ from a "
-                        "lone run's at near-ties (default: bit-identical)")
+                   help="run each batch as one (padded prompts share attention, no cap of 64 sequences): faster "
+                        "prompts, but batched tokens may differ from a lone run's at near-ties (default: bit-identical)")
     p.add_argument("--preload", action="store_true", help="load every model at start instead of on first use")
     p.add_argument("--drain-timeout", type=float, default=300.0,
                    help="seconds to let in-flight requests finish on SIGTERM / Ctrl-C (default 300)")

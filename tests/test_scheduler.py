@@ -153,17 +153,28 @@ def test_requests_join_the_running_batch_and_leave_it(tiny, exact):
     assert sched.counters["finished"] == 4
 
 
-def test_exact_prefill_takes_prompts_together_only_within_one_executor_chunk(tiny, monkeypatch):
+def test_exact_prefill_takes_prompts_longer_than_a_chunk_together_with_lone_bits(tiny, monkeypatch):
+    """Prompts longer than the executor's prefill chunk share a pass: each goes through each layer
+    on its own, chunk by chunk, as alone."""
     model = PipelineModel.from_pretrained(tiny("llama3")[2])
-    if not hasattr(model.engine.executor, "prefill_chunk"):
-        pytest.skip("this executor does not split prompts into chunks")
     monkeypatch.setattr(model.engine.executor, "prefill_chunk", 4)
-    sched = Scheduler(model.engine, None, max_batch=4)
-    for i, n in enumerate([3, 4, 6, 2, 1]):
-        sched.submit(Request(id=f"p{i}", prompt=list(range(1, n + 1)), max_tokens=3))
-    assert sorted(e.request_id for e in sched.step()) == ["p0", "p1"]
-    sched.step()  # decode
-    assert [e.request_id for e in sched.step()] == ["p2"]  # longer than a chunk: alone, as in its lone run
+    sched = Scheduler(model.engine, None, max_batch=5)
+    reqs = [Request(id=f"p{i}", prompt=list(range(1, n + 1)), max_tokens=3, logprobs=0)
+            for i, n in enumerate([3, 4, 6, 2, 9])]
+    for r in reqs:
+        sched.submit(r)
+    first = sched.step()
+    assert sorted(e.request_id for e in first) == [r.id for r in reqs]  # one prefill pass for all
+    out = {e.request_id: [e] for e in first}
+    while sched.busy:
+        for e in sched.step():
+            out[e.request_id].append(e)
+    for req in reqs:
+        tokens, _, logits, _ = lone_run(model, req.prompt, SamplingParams(), req.max_tokens, monkeypatch)
+        monkeypatch.setattr(model.engine.executor, "prefill_chunk", 4)
+        assert [e.token for e in out[req.id]] == tokens
+        for e, lone_logits in zip(out[req.id], logits):
+            assert e.logprob == float(torch.log_softmax(lone_logits.float(), -1)[e.token])
 
 
 def test_prefill_never_starves_the_running_batch(tiny):

@@ -75,16 +75,9 @@ class RemoteRows:
         self.root, self.start, self.stop = root, start, stop
 
 
-def _current_spans(batch: int) -> torch.Tensor | None:
-    """(B, 2) [start, length] of the RowExact pass active in this thread (runtime/batch_invariant)."""
-    try:
-        from ..runtime.batch_invariant import _PASS
-    except ImportError:
-        return None
-    p = _PASS.get()
-    if p is None or len(p.rows) != batch:
-        return None
-    return torch.tensor([[r.start, r.length] for r in p.rows], dtype=torch.int64)
+def _spans(rows) -> torch.Tensor | None:
+    """(B, 2) [start, length] of an exact-batching step's RowSpans (None: not exact)."""
+    return None if rows is None else torch.tensor([[r.start, r.length] for r in rows], dtype=torch.int64)
 
 
 class Coordinator:
@@ -316,13 +309,14 @@ class Coordinator:
                 raise Lost(self.failure) from None
         return fut
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, logit_index) -> torch.Tensor:
-        """Logits of one step, computed by the cluster; survives the loss of nodes (re-plans,
-        rebuilds the caches and re-sends the step). Raises StepError for a step a stage refused,
-        ClusterError when the cluster cannot go on."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, logit_index, rows=None) -> torch.Tensor:
+        """Logits of one step, computed by the cluster (rows: the RowSpans of an exact-batching
+        step, see runtime/executor.py); survives the loss of nodes (re-plans, rebuilds the caches
+        and re-sends the step). Raises StepError for a step a stage refused, ClusterError when
+        the cluster cannot go on."""
         from .recovery import recover
 
-        spans = _current_spans(tokens.shape[0])
+        spans = _spans(rows)
         while True:
             epoch = self.epoch
             try:

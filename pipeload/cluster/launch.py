@@ -61,7 +61,7 @@ class _InstantEngine:
     def new_cache(self, batch: int, max_len: int) -> _InstantCache:
         return _InstantCache()
 
-    def forward(self, tokens, positions, cache, logit_index=None) -> torch.Tensor:
+    def forward(self, tokens, positions, cache, logit_index=None, rows=None) -> torch.Tensor:
         return torch.randn(tokens.shape[0], self.vocab)
 
 
@@ -125,9 +125,10 @@ class ClusterExecutor:
     profile: bool = False
     layer_seconds: list = field(default_factory=list)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, logit_index=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache, logit_index=None,
+                rows=None) -> torch.Tensor:
         """Logits (B, V) with logit_index, else (B, T, V), float32, as Executor.forward."""
-        return self.coordinator.forward(tokens, positions, cache, logit_index)
+        return self.coordinator.forward(tokens, positions, cache, logit_index, rows)
 
 
 @dataclass

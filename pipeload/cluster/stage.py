@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import MemoryBudgetError
+from ..models.common import RowSpan
 from ..runtime.blocks import build_block, build_outer
 from ..runtime.engine import load_layers
 from ..runtime.executor import Executor, ResidentLayers
@@ -182,17 +183,17 @@ class StageModel:
             if m.row_stop > m.row_start:
                 cache = cache.rows(m.row_start, m.row_stop)
         ex = self.executor
-        with _row_exact(spans, self.args.sliding_window):
-            h = ex.model.embed(first, positions) if m.flags & P.IS_TOKENS else first
-            h = ex.forward_layers(h, positions, cache, a.start, a.stop)
-            if not a.head:
-                flags = m.flags & ~P.IS_TOKENS
-                return P.Message(P.FORWARD, m.step, m.cache, m.B, m.T, flags, m.row_start, m.row_stop,
-                                 P.DTYPE_CODES[h.dtype], h.shape[-1], epoch=m.epoch,
-                                 tensors=[h, positions] + [t for t in (logit_index, spans) if t is not None])
-            if m.flags & P.NO_HEAD:
-                return P.Message(P.DONE, m.step, m.cache, epoch=m.epoch)
-            logits = ex.head(h, logit_index)
+        rows = None if spans is None else [RowSpan(int(s), int(n)) for s, n in spans.tolist()]
+        h = ex.model.embed(first, positions) if m.flags & P.IS_TOKENS else first
+        h = ex.forward_layers(h, positions, cache, a.start, a.stop, rows)
+        if not a.head:
+            flags = m.flags & ~P.IS_TOKENS
+            return P.Message(P.FORWARD, m.step, m.cache, m.B, m.T, flags, m.row_start, m.row_stop,
+                             P.DTYPE_CODES[h.dtype], h.shape[-1], epoch=m.epoch,
+                             tensors=[h, positions] + [t for t in (logit_index, spans) if t is not None])
+        if m.flags & P.NO_HEAD:
+            return P.Message(P.DONE, m.step, m.cache, epoch=m.epoch)
+        logits = ex.head(h, logit_index)
         # T = 0 says the logits are (B, V): one position per sequence
         T = 0 if logit_index is not None else m.T
         return P.Message(P.LOGITS, m.step, m.cache, m.B, T, 0, dtype=P.DTYPE_CODES[torch.float32],
@@ -329,20 +330,3 @@ def _cache_flusher(nbytes: int = 32 << 20):
         junk.sum()
 
     return flush
-
-
-class _row_exact:
-    """RowExact (runtime/batch_invariant.py) around a step whose coordinator ran it under one."""
-
-    def __init__(self, spans: torch.Tensor | None, window: int | None):
-        self.ctx = None
-        if spans is not None:
-            from ..runtime.batch_invariant import RowExact, RowSpan
-
-            self.ctx = RowExact([RowSpan(int(s), int(n)) for s, n in spans.tolist()], window)
-
-    def __enter__(self):
-        return self.ctx.__enter__() if self.ctx is not None else None
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx is not None else False

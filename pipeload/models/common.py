@@ -189,6 +189,17 @@ class LayerKV(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class RowSpan:
+    """One sequence of a batched step: `length` new tokens from position `start`, and `mask`, the
+    attention mask a lone step of that sequence uses ((1, 1, length, start + length) bool, None for
+    plain causal attention). The executor fills the mask (runtime/executor.py)."""
+
+    start: int
+    length: int
+    mask: torch.Tensor | None = None
+
+
 @dataclass
 class StepInputs:
     """Per-step tensors shared by all layers.
@@ -198,6 +209,8 @@ class StepInputs:
                attention over a cache that starts at position 0 for every sequence
     cos, sin:  rotary tables (B, 1, T, rot/2), or None for architectures without rope
     cis:       optional complex64 cos + i sin (B, 1, T, rot/2) for the interleaved style
+    rows:      None, or one RowSpan per sequence when every sequence must get the bits of its
+               lone run (exact batching): attention then runs per sequence, as alone
     """
 
     positions: torch.Tensor
@@ -205,6 +218,7 @@ class StepInputs:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     cis: torch.Tensor | None = None
+    rows: list[RowSpan] | None = None
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV | None,
@@ -212,22 +226,38 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Laye
                      kv_of_head: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q (B, H, T, hd) over cached plus new k, v (B, Hkv, T, hd) -> (B, T, H*hd).
     kv_of_head (H,): the key/value head of each query head, where heads do not group evenly (a
-    tensor-parallel shard's slice of grouped-query heads)."""
+    tensor-parallel shard's slice of grouped-query heads). With step.rows, each sequence attends
+    over its own keys exactly as its lone step would (the arithmetic of a batch of queries
+    differs from one query's)."""
     if kv is not None:
         k, v = kv.update(k, v)  # (B, Hkv, S, hd)
     if kv_of_head is not None:
         k, v = k.index_select(1, kv_of_head), v.index_select(1, kv_of_head)  # (B, H, S, hd)
+    if step.rows is None or len(step.rows) == 1:
+        return attend(q, k, v, step.mask, scale)
+    B, H, T, hd = q.shape
+    out = q.new_zeros(B, T, H * hd)  # padding positions stay 0
+    for b, row in enumerate(step.rows):
+        kv_len = row.start + row.length if kv is not None else row.length
+        out[b:b + 1, :row.length] = attend(q[b:b + 1, :, :row.length], k[b:b + 1, :, :kv_len],
+                                           v[b:b + 1, :, :kv_len], row.mask, scale)
+    return out
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float | None) -> torch.Tensor:
+    """Attention (B, T, H*hd) of q (B, H, T, hd) over k, v (B, Hkv, S, hd): the one-token path for
+    a lone decode step, else SDPA with `mask` (None: causal, the new tokens last among the keys)."""
     gqa = q.shape[1] != k.shape[1]
-    if q.shape[0] == 1 and q.shape[2] == 1 and step.mask is None:  # one sequence, one new token
+    if q.shape[0] == 1 and q.shape[2] == 1 and mask is None:  # one sequence, one new token
         return one_token_attention(q, k, v, scale)
-    if step.mask is None:
-        # causal with the new tokens at the end of the keys (T == S when there is no prefix)
+    if mask is None:
         causal = q.shape[2] > 1
         if causal and k.shape[2] != q.shape[2]:
             raise ValueError("a prefix cache needs an explicit mask")
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     B, H, T, hd = out.shape
     return out.transpose(1, 2).reshape(B, T, H * hd)
 

@@ -5,16 +5,24 @@ A forward step embeds the new tokens, then for each layer asks a layer source fo
 releases it; the head comes last the same way. A prompt therefore costs one pass over the
 weights: a long prompt goes through each layer in chunks (bounded activations) before the next
 layer is needed. The same block code runs fully resident, streamed, or as one cluster stage.
+
+Exact batching (`rows`, one RowSpan per sequence): every sequence gets the bits of its lone
+run, with nothing patched. A prefill runs each sequence through each layer on its own (its own
+block call, chunks and KV rows, exactly as alone: the layer is still read once for all); a
+decode step runs the linears over all rows together (quant/ops.py gives each row its lone bits
+up to ops.EXACT_ROWS rows) and attention per row with the mask its lone step would use.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from ..models.common import RowSpan
 from .kv_cache import KVCache
 
 PREFILL_CHUNK = 512  # tokens per chunk when a long prompt goes through a layer
@@ -72,50 +80,81 @@ class Executor:
         self.layer_seconds = [0.0] * (n_layers + 1)  # compute time per layer (+ head), when profiling
         self.profile = False
 
-    def _chunk_inputs(self, positions: torch.Tensor, cache: KVCache | None):
-        """Per chunk of the step: (slice, StepInputs, positions) with masks and rope tables."""
+    def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+        """The attention mask of a chunk at positions pos (B, T) over kv_len keys; None when plain
+        causal attention is the same (every sequence at the same positions, starting at 0 or one
+        token, within the window). A lone sequence's decision and a batch's are this one rule."""
+        uniform = bool((pos == pos[:1]).all())
+        start = int(pos[0, 0])
+        plain_causal = uniform and (start == 0 or pos.shape[1] == 1) and (self.window is None or kv_len <= self.window)
+        return None if plain_causal else attention_mask(pos, kv_len, self.window)
+
+    def _chunk_inputs(self, positions: torch.Tensor, cache: KVCache | None, rows: list[RowSpan] | None = None):
+        """Per chunk of the step: (slice, StepInputs, positions, uniform) with masks and rope tables;
+        with `rows` (a decode step), each row's lone mask in StepInputs.rows."""
         T = positions.shape[1]
         uniform = bool((positions == positions[:1]).all())
         chunks = []
         for s in range(0, T, self.prefill_chunk):
             pos = positions[:, s:s + self.prefill_chunk]
             kv_len = int(pos.max()) + 1 if cache is not None else pos.shape[1]
-            start = int(pos[0, 0])
-            plain_causal = uniform and (start == 0 or pos.shape[1] == 1) and (
-                self.window is None or kv_len <= self.window)
             if cache is None and s > 0:
                 raise ValueError(f"a prompt longer than {self.prefill_chunk} tokens needs a KV cache")
-            mask = None if plain_causal else attention_mask(pos, kv_len, self.window)
-            chunks.append((slice(s, s + pos.shape[1]), self.model.step_inputs(pos, mask), pos, uniform))
+            step = self.model.step_inputs(pos, self._mask(pos, kv_len))
+            if rows is not None:
+                step.rows = [replace(r, mask=self._mask(pos[b:b + 1], r.start + r.length if cache is not None
+                                                        else r.length)) for b, r in enumerate(rows)]
+            chunks.append((slice(s, s + pos.shape[1]), step, pos, uniform))
         return chunks
+
+    def _runs(self, positions: torch.Tensor, cache: KVCache | None, rows: list[RowSpan] | None) -> list[tuple]:
+        """The groups of rows that go through a block together: (batch rows, token columns, chunks,
+        KV cache). One group for the whole step, or with `rows` in a prefill one per sequence."""
+        B, T = positions.shape
+        if rows is not None and len(rows) != B:
+            raise ValueError(f"{len(rows)} row spans for a step of {B} sequences")
+        if rows is None or len(rows) == 1 or all(r.length == 1 for r in rows):
+            exact = rows if rows is not None and len(rows) > 1 else None
+            return [(slice(0, B), slice(0, T), self._chunk_inputs(positions, cache, exact), cache)]
+        runs = []
+        for b, r in enumerate(rows):
+            kv = cache.rows(b, b + 1) if cache is not None else None
+            runs.append((slice(b, b + 1), slice(0, r.length), self._chunk_inputs(positions[b:b + 1, :r.length], kv), kv))
+        return runs
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                logit_index: torch.Tensor | None = None) -> torch.Tensor:
+                logit_index: torch.Tensor | None = None, rows: list[RowSpan] | None = None) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T) at positions (B, T); with logit_index (B,), only
-        those positions' logits (B, V). The cache, if given, gains the new keys and values."""
+        those positions' logits (B, V). The cache, if given, gains the new keys and values.
+        With `rows` (one RowSpan(start, length) per sequence, its new tokens), every sequence
+        gets its lone run's bits (see the module docstring)."""
         h = self.model.embed(tokens, positions)  # (B, T, D)
-        h = self.forward_layers(h, positions, cache, 0, self.n_layers)
+        h = self.forward_layers(h, positions, cache, 0, self.n_layers, rows)
         return self.head(h, logit_index)
 
     @torch.inference_mode()
     def forward_layers(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                       start: int, stop: int) -> torch.Tensor:
+                       start: int, stop: int, rows: list[RowSpan] | None = None) -> torch.Tensor:
         """The hidden state (B, T, D) after layers start..stop-1 (global indices) for the hidden
         state h (B, T, D) entering layer `start`; one pipeline stage runs exactly this."""
-        chunks = self._chunk_inputs(positions, cache)
-        if len(chunks) == 1 and cache is not None:
-            cache.begin_step(chunks[0][2], chunks[0][3])  # the same positions for every layer
+        runs = self._runs(positions, cache, rows)
+        whole = len(runs) == 1 and len(runs[0][2]) == 1
+        if whole and cache is not None:
+            cache.begin_step(runs[0][2][0][2], runs[0][2][0][3])  # the same positions for every layer
         for i in range(start, stop):
             block = self.layers.acquire(i)
             t0 = time.perf_counter() if self.profile else 0.0
-            if len(chunks) == 1:
-                h = block(h, chunks[0][1], cache.layer(i) if cache is not None else None)
-            else:  # the whole prompt through this layer, chunk after chunk, before the next layer
-                out = torch.empty_like(h)
-                for sl, step, pos, uniform in chunks:
-                    cache.begin_step(pos, uniform)
-                    out[:, sl] = block(h[:, sl], step, cache.layer(i))
+            if whole:
+                h = block(h, runs[0][2][0][1], cache.layer(i) if cache is not None else None)
+            else:  # chunk after chunk (and sequence after sequence), all before the next layer
+                out = torch.zeros_like(h)  # padding positions of shorter sequences stay 0
+                for batch, cols, chunks, kv in runs:
+                    hb = h[batch, cols]
+                    for sl, step, pos, uniform in chunks:
+                        if kv is not None:
+                            kv.begin_step(pos, uniform)
+                        out[batch, cols][:, sl] = block(hb[:, sl], step, kv.layer(i) if kv is not None else None)
                 h = out
             if self.profile:
                 self.layer_seconds[i] += time.perf_counter() - t0

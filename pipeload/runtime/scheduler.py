@@ -3,9 +3,9 @@
 A `Scheduler` owns one Engine and one KV cache of `max_batch` slots. Requests wait in a FIFO
 queue; each `step()` is one pass over the weights, either
 
-- a prefill pass: waiting requests (as many as there are free slots, up to a token budget; with
-  exact=True only prompts that fit in one executor chunk go together) run their whole prompts
-  together, right-padded, into free slots, and get their first token; or
+- a prefill pass: waiting requests (as many as there are free slots, up to a token budget) run
+  their whole prompts in one pass over the weights, right-padded, into free slots, and get their
+  first token; or
 - a decode pass: every active sequence advances by one token.
 
 After a prefill pass the next step is always a decode pass, so new arrivals cannot starve the
@@ -16,25 +16,27 @@ moving the last one), so a decode pass computes exactly n rows.
 
 Each request has its own SamplingParams and Sampler (seeded as a lone run's), stop strings,
 EOS ids and max_tokens, and is turned into text with the same rules as `stream_generate`. With
-`exact=True` (the default) the arithmetic of each pass is split per sequence where the kernels
-would otherwise mix rows (see batch_invariant.py), so a request's tokens and logits are
-bit-for-bit those of a lone run of `PipelineModel.stream` whatever else shares the batch. With
-exact=False passes share each matrix product across the batch (faster on resident dense
-weights; tokens may then part from a lone run's at near-ties).
+`exact=True` (the default) every pass tells the executor each sequence's rows (RowSpan), and the
+executor gives each sequence the bits of its lone run (runtime/executor.py: prefills sequence by
+sequence within each layer, decode attention per row, linears row-exact up to ops.EXACT_ROWS
+rows, which caps max_batch), so a request's tokens and logits are bit-for-bit those of a lone
+run of `PipelineModel.stream` whatever else shares the batch. With exact=False a pass treats
+the batch as one (padded prompts share attention kernels; tokens may then part from a lone
+run's at near-ties).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from ..errors import ContextLengthError, NoTokenizerError
-from .batch_invariant import RowExact, RowSpan
+from ..models.common import RowSpan
+from ..quant import ops
 from .engine import Engine
 from .generation import _held_back
 from .sampling import Sampler, SamplingParams
@@ -89,13 +91,17 @@ class Scheduler:
     """Slot-based continuous batching over one engine; see the module docstring.
 
     `max_len` caps each slot's context (default: the model's); the KV cache holds
-    max_batch * max_len positions. Not thread-safe: one thread calls submit/cancel/step.
+    max_batch * max_len positions. With exact=True, max_batch is at most ops.EXACT_ROWS (the
+    rows up to which every row of a product is computed as alone). Not thread-safe: one thread
+    calls submit/cancel/step.
     """
 
     def __init__(self, engine: Engine, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  exact: bool = True, max_prefill_tokens: int = 2048):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if exact:
+            max_batch = min(max_batch, ops.EXACT_ROWS)
         self.engine, self.tokenizer, self.max_batch, self.exact = engine, tokenizer, max_batch, exact
         self.max_len = min(max_len or engine.context_length, engine.context_length)
         if self.max_len < 2:
@@ -180,13 +186,10 @@ class Scheduler:
 
     def _admit(self, free: int) -> list[_Sequence]:
         admitted: list[_Sequence] = []
-        tokens = longest = 0
-        # exact: prompts go together only if each fits in one executor chunk (RowExact's limit)
-        chunk = getattr(self.engine.executor, "prefill_chunk", None) if self.exact else None
+        tokens = 0
         while self.waiting and len(admitted) < free:
             n = len(self.waiting[0].prompt)
-            longest = max(longest, n)
-            if admitted and (tokens + n > self.max_prefill_tokens or (chunk and longest > chunk)):
+            if admitted and tokens + n > self.max_prefill_tokens:
                 break
             req = self.waiting.popleft()
             budget = self.max_len - n if req.max_tokens is None else min(req.max_tokens, self.max_len - n)
@@ -198,10 +201,8 @@ class Scheduler:
                  rows: list[RowSpan]) -> torch.Tensor:
         """Logits (B, V) of one pass over cache rows first_row.. (rows: each sequence's new tokens)."""
         cache = self.cache.rows(first_row, first_row + tokens.shape[0])
-        per_row = self.exact and len(rows) > 1  # one sequence alone is its lone run already
-        exact = RowExact(rows, self.engine.args.sliding_window) if per_row else nullcontext()
-        with exact:
-            return self.engine.executor.forward(tokens, positions, cache, logit_index=logit_index)
+        exact = rows if self.exact and len(rows) > 1 else None  # one sequence alone is its lone run already
+        return self.engine.executor.forward(tokens, positions, cache, logit_index=logit_index, rows=exact)
 
     def _prefill(self, seqs: list[_Sequence]) -> list[Event]:
         lens = [len(s.history) for s in seqs]
