@@ -9,6 +9,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .errors import NoTokenizerError
+from .quant import ops
 from .runtime.engine import Engine, load_engine
 from .runtime.generation import GenerationResponse, GenerationStats, stream_generate
 from .runtime.sampling import SamplingParams
@@ -29,22 +30,28 @@ class PipelineModel:
         self._tokenizer = tokenizer
         self.options = options
         self.stats: dict[str, Any] = {}
+        self._encoder_cache = None  # runtime.encode TextEncoder / ImageEncoder, for encoders
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype: str = "auto",
                         memory_limit: str | int | None = None, prefetch_depth: int = 2, parallel_loading: bool = True,
-                        batch_size: int = 1, ctx: int | None = None, io_mode: str = "auto",
+                        batch_size: int | None = None, ctx: int | None = None, io_mode: str = "auto",
                         threads: int | None = None, device: str = "cpu", cluster: str | None = None, workers: int = 1,
-                        parallel: str = "pipeline", cluster_token: str | None = None) -> "PipelineModel":
+                        parallel: str = "pipeline", cluster_token: str | None = None,
+                        expert_policy: str = "lru") -> "PipelineModel":
         """Load a GGUF file or Hugging Face folder (None: the built-in model).
 
         memory_limit ("2GB", "1536MiB", bytes or None) caps peak RSS: what fits stays resident,
         the rest streams from disk, `prefetch_depth` layers ahead, with several reads in flight if
-        `parallel_loading`. `batch_size` and `ctx` size the KV cache the plan reserves.
+        `parallel_loading`. `batch_size` (default 1) and `ctx` size the KV cache the plan reserves;
+        for an encoder (BERT, ViT) they are the inputs (default 32) of up to `ctx` tokens that one
+        pass over streamed weights serves (see embed / classify).
         With `cluster="HOST:PORT"` the model runs on `workers` worker processes or machines
         (`pipeload worker --join HOST:PORT --model PATH` on each), split by layers
         (parallel="pipeline") or by heads and columns ("tensor"); see pipeload/cluster/. Only
         workers that prove they know `cluster_token` join (default: $PIPELOAD_CLUSTER_TOKEN).
+        A mixture of experts whose experts do not all fit reads the routed experts on demand into
+        an expert cache evicting by `expert_policy` ("lru" or "lfu"; runtime/experts.py).
         Raises ModelFileError / UnsupportedModelError / MemoryBudgetError (PipeloadError) on bad input.
         """
         from .runtime.memory import parse_size
@@ -53,7 +60,7 @@ class PipelineModel:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if device != "cpu":
             raise ValueError(f"device {device!r} is not supported: pipeload runs on the CPU")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if threads is not None:
             torch.set_num_threads(threads)
@@ -61,13 +68,14 @@ class PipelineModel:
             from .cluster.launch import connect_cluster
 
             engine = connect_cluster(builtin_model_path() if path is None else path, cluster, workers, parallel,
-                                     DTYPES[dtype], context=ctx, batch=batch_size, token=cluster_token)
+                                     DTYPES[dtype], context=ctx, batch=batch_size or 1, token=cluster_token)
             options = {"dtype": dtype, "batch_size": batch_size, "ctx": ctx, "cluster": cluster, "workers": workers,
                        "parallel": parallel}
             return cls(engine, engine.spec.load_tokenizer(), options)
         engine = load_engine(builtin_model_path() if path is None else path, DTYPES[dtype],
                              memory_limit=parse_size(memory_limit), context=ctx, batch=batch_size,
-                             prefetch_depth=prefetch_depth, parallel_loading=parallel_loading, io_mode=io_mode)
+                             prefetch_depth=prefetch_depth, parallel_loading=parallel_loading, io_mode=io_mode,
+                             expert_policy=expert_policy)
         options = {"dtype": dtype, "memory_limit": memory_limit, "prefetch_depth": prefetch_depth,
                    "parallel_loading": parallel_loading, "batch_size": batch_size, "ctx": ctx}
         return cls(engine, engine.spec.load_tokenizer(), options)
@@ -129,10 +137,89 @@ class PipelineModel:
 
         return perplexity(self.engine, self.tokenizer, text, ctx=ctx, stride=stride, max_tokens=max_tokens)
 
+    # -- encoders (BERT, ViT) ------------------------------------------------------------------
+
+    @property
+    def is_encoder(self) -> bool:
+        """An encoder (BERT family, ViT): it embeds (and classifies images); it does not generate."""
+        return self.engine.spec.is_encoder
+
+    @property
+    def capabilities(self) -> list[str]:
+        """What this model can do: "completion" and "chat" (decoders; chat with a chat template),
+        "embeddings" (text encoders), "image_embeddings" and "classification" (ViT; classification
+        with a classifier head)."""
+        from .runtime.encode import capabilities
+
+        chat = self._tokenizer is not None and bool(self._tokenizer.chat_template)
+        return capabilities(self.engine.spec.arch, self.args, chat)
+
+    def embed(self, inputs, batch_size: int = 32, truncate: bool = True, normalize: bool | None = None) -> torch.Tensor:
+        """Vectors (N, D) float32 for a text or list of texts (BERT family: pooled and normalised
+        as the model's sentence-transformers configuration says; `normalize` overrides), or for
+        an image or list of images (ViT: paths, bytes or PIL images; the CLS token's final state).
+
+        Texts longer than the model takes are cut with a warning (truncate=False: ContextLengthError).
+        Raises ValueError for an empty list, an empty text, or something that is not an image;
+        UnsupportedModelError for a decoder. Figures of the call are in `stats`."""
+        encoder = self._encoder("embed")
+        if hasattr(encoder, "tokenizer"):
+            out, stats = encoder.embed(inputs, batch_size=batch_size, truncate=truncate, normalize=normalize)
+        else:
+            out, stats = encoder.embed(inputs, batch_size=batch_size)
+        self.stats = self._encode_figures(stats)
+        return out
+
+    def classify(self, images, top_k: int = 5, batch_size: int = 32) -> list[list[tuple[str, float]]]:
+        """For each image (a path, bytes or PIL image, or a list of them) its `top_k` most likely
+        (label, probability) pairs, labels from the model's id2label. Raises ValueError for a
+        non-image or a model without a classifier head, UnsupportedModelError for text models."""
+        encoder = self._encoder("classify")
+        if not hasattr(encoder, "classify"):
+            from .errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"{self.engine.checkpoint.path} is a text encoder: it embeds text, it does "
+                                        "not classify images")
+        single = not isinstance(images, (list, tuple))
+        out, stats = encoder.classify(images, top_k=top_k, batch_size=batch_size)
+        self.stats = self._encode_figures(stats)
+        return out[0] if single else out
+
+    def _encoder(self, what: str):
+        """The TextEncoder / ImageEncoder of this model (built on first use)."""
+        if not self.is_encoder:
+            from .errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"{self.engine.checkpoint.path} is a {self.engine.checkpoint.architecture} "
+                                        f"decoder: {what} needs an encoder (BERT family or ViT)")
+        if self._encoder_cache is None:
+            from .runtime.encode import encoder_for
+
+            self._encoder_cache = encoder_for(self.engine, self._tokenizer)
+        return self._encoder_cache
+
+    def _encode_figures(self, stats) -> dict[str, Any]:
+        figures = stats.as_dict()
+        stream = self.engine.stream_stats
+        if stream is not None:
+            figures["stream"] = stream.as_dict()
+        if self.engine.plan is not None:
+            figures["plan"] = self.engine.plan
+        return figures
+
+    def _require_decoder(self, what: str) -> None:
+        if self.is_encoder:
+            from .errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"{self.engine.checkpoint.path} is an encoder "
+                                        f"({self.engine.checkpoint.architecture}): it cannot {what}; use embed()"
+                                        + (" or classify()" if "classification" in self.capabilities else ""))
+
     # -- computing -----------------------------------------------------------------------------
 
     def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Logits (T, V) for every position of one sequence, or (B, T, V) for a (B, T) batch."""
+        self._require_decoder("compute next-token logits")
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         single = ids.dim() == 1
         ids = ids[None] if single else ids
@@ -146,7 +233,11 @@ class PipelineModel:
 
             raise ContextLengthError(f"{ids.shape[1]} tokens exceed the model's context of {self.context_length}")
         positions = torch.arange(ids.shape[1]).expand_as(ids)
-        out = self.engine.executor.forward(ids, positions, cache=None)
+        # beyond one prefill chunk the later chunks attend to the earlier ones' keys: a KV cache
+        # holds them (dropped on return); within one chunk no cache is needed
+        chunked = ids.shape[1] > self.engine.executor.prefill_chunk
+        cache = self.engine.new_cache(ids.shape[0], ids.shape[1]) if chunked else None
+        out = self.engine.executor.forward(ids, positions, cache=cache)
         return out[0] if single else out
 
     def _sampling(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
@@ -159,6 +250,7 @@ class PipelineModel:
         """Yield GenerationResponse objects (text delta, token, finish reason, running figures).
 
         `prompt` is a string, a list of token ids, or a list of those (a batch)."""
+        self._require_decoder("generate text")
         prompts = self._as_batch(prompt)
         stats = GenerationStats()
         self.stats = {}
@@ -172,18 +264,23 @@ class PipelineModel:
                              f"load with batch_size={len(prompts)} (or pass fewer prompts)")
         stream_stats = self.engine.stream_stats
         read_before = stream_stats.bytes_read if stream_stats is not None else 0
+        calls_before = ops.kernel_calls()
         try:
             yield from stream_generate(self.engine, self._tokenizer, prompts, params, max_tokens, stop, stats,
                                        ignore_eos=ignore_eos)
         finally:
-            self.stats = self._figures(stats, read_before)
+            self.stats = self._figures(stats, read_before, calls_before)
 
-    def _figures(self, stats: GenerationStats, read_before: int) -> dict[str, Any]:
+    def _figures(self, stats: GenerationStats, read_before: int, calls_before: dict) -> dict[str, Any]:
         figures = stats.as_dict()
+        figures["kernels"] = ops.describe_kernels(calls_before)  # this process's products (not a cluster's workers)
         stream = self.engine.stream_stats
         if stream is not None:
             figures["bytes_read"] = stream.bytes_read - read_before
             figures["stream"] = stream.as_dict()
+        experts = getattr(self.engine, "expert_cache", None)
+        if experts is not None:  # a mixture of experts reading routed experts on demand (runtime/experts.py)
+            figures["experts"] = experts.stats.as_dict()
         if self.engine.plan is not None:
             figures["plan"] = self.engine.plan
         if self.engine.executor.profile:
@@ -200,6 +297,7 @@ class PipelineModel:
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int = 256, stream: bool = False, **sampling: Any):
         """Reply to a conversation using the model's chat template (text, or a stream of responses)."""
+        self._require_decoder("chat")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         responses = self.stream(ids, max_tokens=max_tokens, **sampling)

@@ -67,6 +67,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(f"\n[{model.engine.checkpoint.path.name}] prompt: {st['prompt_tokens']} tokens, {st['prompt_tps']:.1f} tok/s"
           f" | generation: {st['generation_tokens']} tokens, {st['generation_tps']:.1f} tok/s"
           f" | peak memory: {format_bytes(st['peak_rss'])} | finish: {reason}", file=sys.stderr)
+    print(f"[kernels] {st['kernels']}", file=sys.stderr)
     if a.cluster:
         from .cluster.cli import print_cluster_summary
 
@@ -196,8 +197,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
         return cmd_plan_cluster(a)
 
-    from .inspect import parameter_count
     from .runtime.memory import current_rss, format_bytes, parse_size
+    from .runtime.moe_plan import active_parameters
     from .runtime.planner import make_plan
     from .runtime.probe import probe
     from .runtime.spec import open_model
@@ -208,7 +209,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     plan = make_plan(spec, parse_size(a.memory_limit), current_rss(), context, a.batch, a.prefetch_depth)
     machine = probe(ckpt.path if ckpt.path.is_file() else None)
     disk = max(machine["disk_direct"], machine["disk_buffered"])
-    flops = 2 * parameter_count(spec.index) * a.batch
+    flops = 2 * active_parameters(spec, a.batch) * a.batch  # a mixture of experts computes with the routed ones
     floors = plan.seconds_per_pass(disk, machine["memory_bandwidth"], flops, machine["matmul_flops_bf16"])
     per_pass = max(floors.values())
     print(f"plan for {ckpt.path.name} ({args.n_layers} layers, {dtype}) under "
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_cluster_parsers(sub)
     _add_quantize_parsers(sub)
+    from .cli_encoders import add_parsers as _add_encoder_parsers
+
+    _add_encoder_parsers(sub)
     return parser
 
 

@@ -9,7 +9,7 @@ Methods:
   matrix) by GPTQ.
 - "rtn4": exactly the types of "gptq4", round to nearest: the baseline GPTQ must beat.
 
-The calibrated methods work layer by layer like the executor (DESIGN.md): the calibration
+The calibrated methods work layer by layer like the executor (docs/DESIGN.md, "sources -> executor"): the calibration
 sequences' hidden states go through one block at a time; each block is read from the source,
 its linears quantized in the order they run (q/k/v, then the attention output, then gate/up,
 then down: each sees inputs computed with the already quantized ones), its outputs computed

@@ -37,3 +37,47 @@ def tiny(tmp_path_factory):
 @pytest.fixture(params=KINDS)
 def kind(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def encoders(tmp_path_factory):
+    """Lazily built tiny encoders: encoders(kind) -> (transformers model, HF folder, GGUF written by
+    llama.cpp's own converter, or None for ViT kinds, which llama.cpp's converter does not take)."""
+    from encoder_models import TEXT_KINDS, build_image_encoder, build_text_encoder, llama_cpp_convert
+
+    built = {}
+
+    def get(kind: str):
+        if kind not in built:
+            root = tmp_path_factory.mktemp(kind)
+            if kind in TEXT_KINDS:
+                model = build_text_encoder(kind, root / "hf")
+                gguf = llama_cpp_convert(root / "hf", root / "llama-cpp.gguf")
+            else:
+                model, gguf = build_image_encoder(kind, root / "hf"), None
+            built[kind] = (model, root / "hf", gguf)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def moe_tiny(tmp_path_factory):
+    """Lazily built tiny MoE models: moe_tiny(kind) -> (transformers model, HF folder, GGUF path
+    written by llama.cpp's converter). Skips when all-MiniLM-L6-v2 (whose tokenizer the
+    converter needs) is not in the models folder."""
+    from encoder_models import llama_cpp_convert
+    from moe_models import MINILM, build_moe_model
+
+    built = {}
+
+    def get(kind: str):
+        if not (MINILM / "tokenizer.json").is_file():
+            pytest.skip(f"{MINILM} is missing (../shared/models/fetch.sh fetches it): the converter needs its tokenizer")
+        if kind not in built:
+            root = tmp_path_factory.mktemp(kind)
+            model = build_moe_model(kind, root / "hf")
+            built[kind] = (model, root / "hf", llama_cpp_convert(root / "hf", root / "model.gguf"))
+        return built[kind]
+
+    return get

@@ -83,3 +83,26 @@ def test_bfloat16_close_to_float32(tiny):
     assert bf16.dtype == torch.float32  # logits are returned as float32
     assert (bf16 - f32).abs().max().item() < 0.1 * f32.abs().max().item()
     assert (bf16.argmax(-1) == f32.argmax(-1)).float().mean() > 0.9
+
+
+def test_logits_of_a_prompt_longer_than_one_prefill_chunk(tmp_path):
+    """PipelineModel.logits on 2,000 tokens (four prefill chunks: the later ones attend to the
+    earlier ones' keys through a KV cache) matches transformers at every position."""
+    import transformers as tf
+
+    from pipeload import PipelineModel
+    from pipeload.runtime.executor import PREFILL_CHUNK
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048)
+    ref_model = tf.LlamaForCausalLM(cfg).eval()
+    ref_model.save_pretrained(tmp_path, safe_serialization=True)
+    ids = _ids(2000)[0]
+    assert len(ids) > 3 * PREFILL_CHUNK
+    ours = PipelineModel.from_pretrained(tmp_path, dtype="float32", threads=2).logits(ids.tolist())
+    ref = reference_logits(ref_model, ids[None])[0]
+    assert ours.shape == ref.shape == (2000, 128)
+    diff = (ours - ref).abs().max().item()
+    assert diff < TOL * 10, f"max |diff| {diff} over 2,000 positions"
+    assert ref[-100:].std() > 0.01  # the last chunk's logits are not near-constant

@@ -10,8 +10,8 @@ import tokenizers
 from tokenizers import models
 
 from pipeload.errors import PipeloadError
-from pipeload.runtime.chat import ChatTemplateError, NoChatTemplateError, render_chat_template
-from pipeload.weights.tokenizer import Tokenizer
+from pipeload.tokenizer.chat import ChatTemplateError, NoChatTemplateError, render_chat_template
+from pipeload.tokenizer.tokenizer import Tokenizer
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"

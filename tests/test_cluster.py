@@ -108,11 +108,12 @@ def _near_tie_or_equal(ref, prompt, got, want):
     assert float(top[0] - top[1]) <= 1e-4, f"tensor parallel parted at token {i} without a near-tie"
 
 
-@pytest.mark.parametrize("ranks,model", [(2, "f32"), (3, "q4")])
-def test_tensor_parallel_same_greedy_tokens(f32_model, q4_model, ranks, model):
+@pytest.mark.parametrize("ranks,model", [(2, "f32"), (3, "q4"), (2, "gpt2")])
+def test_tensor_parallel_same_greedy_tokens(tiny, f32_model, q4_model, ranks, model):
     """Heads and columns split over 2 or 3 ranks (unevenly over 3: grouped-query heads shared by
-    two ranks); float32 all-reduce; int4 splits on the kernel's tile and block bounds."""
-    path = {"f32": f32_model, "q4": q4_model}[model]
+    two ranks); float32 all-reduce; int4 splits on the kernel's tile and block bounds; GPT-2 by
+    its own declaration (models/gpt2.py TENSOR_PARALLEL: q, k and v stacked in one matrix)."""
+    path = {"f32": f32_model, "q4": q4_model}.get(model) or tiny(model)[2]
     port = free_port()
     with workers(f"127.0.0.1:{port}", path, ranks):
         ref = _reference(path)
@@ -125,6 +126,18 @@ def test_tensor_parallel_same_greedy_tokens(f32_model, q4_model, ranks, model):
             assert (m.logits(PROMPT) - ref.logits(PROMPT)).abs().max() <= 0.02 * scale
         finally:
             m.close()
+
+
+def test_tensor_parallel_refuses_transposed_matrices_before_waiting(tiny):
+    """An HF GPT-2 folder stores its matrices transposed (Conv1D): tensor parallel refuses at once,
+    naming the way out, instead of waiting for workers or failing inside one."""
+    from pipeload.cluster.launch import connect_cluster
+    from pipeload.errors import UnsupportedModelError
+
+    t0 = time.monotonic()
+    with pytest.raises(UnsupportedModelError, match="transposed.*pipeload convert"):
+        connect_cluster(tiny("gpt2")[1], f"127.0.0.1:{free_port()}", 2, "tensor", join_timeout=30)
+    assert time.monotonic() - t0 < 10
 
 
 @pytest.mark.parametrize("parallel", ["pipeline", "tensor"])

@@ -79,27 +79,35 @@ def test_proportional_split_uneven():
 
 
 def test_stage_streams_layers_beyond_its_budget(tmp_path, monkeypatch):
-    """A stage given more layers than its memory holds streams the rest from the file (as a survivor does after taking over a dead node's layers) with the same results."""
+    """A stage given more layers than its memory holds streams the rest from the file (as a
+    survivor does after taking over a dead node's layers), as runtime/planner.make_plan plans its
+    layer range, with the same results."""
     import torch
 
     from pipeload.bench.synth import LlamaShape, write_synthetic_gguf
     from pipeload.cluster import protocol as P
-    from pipeload.cluster import stage as stage_mod
     from pipeload.cluster.stage import Assignment, StageModel
-    from pipeload.runtime.planner import group_sizes
+    from pipeload.errors import MemoryBudgetError
 
     shape = LlamaShape(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=512, context=64)
     path = write_synthetic_gguf(tmp_path / "m.gguf", shape, "q4_0", seed=4)
     whole = StageModel(path)
     whole.assign(Assignment(0, 8, True, True), 64, 1)
-    _, spans, _, _ = group_sizes(whole.spec)
-    layer = spans["blk.0"]
     monkeypatch.setattr("pipeload.runtime.memory.current_rss", lambda: 0)
-    # room for the ring (3 layers) and 2 resident layers: 6 of the 8 layers stream
-    kv = stage_mod.KVCache.bytes_needed(8, 1, 2, 64, 64, whole.dtype)
-    part = StageModel(path, memory_limit=stage_mod.MARGIN + kv + 5 * layer + layer // 2)
-    figures = part.assign(Assignment(0, 8, True, True), 64, 1)
-    assert figures["streamed"] == 6 and figures["loaded"] == 2, figures
+    part = StageModel(path)
+    a = Assignment(0, 8, True, True)
+    lo, hi = 0, part.plan(a, 64, 1).predicted_peak  # the smallest budget with 2 resident layers
+    while hi - lo > 1024:
+        part.memory_limit = (lo + hi) // 2
+        try:
+            enough = sum(g.startswith("blk.") for g in part.plan(a, 64, 1).resident) >= 2
+        except MemoryBudgetError:
+            enough = False
+        lo, hi = (lo, part.memory_limit) if enough else (part.memory_limit, hi)
+    part.memory_limit = hi
+    plan = part.plan(a, 64, 1)
+    figures = part.assign(a, 64, 1)
+    assert figures["loaded"] == 2 and figures["streamed"] == len(plan.streamed) >= 6, figures
     tokens, positions = torch.tensor([[5, 9, 100, 7]]), torch.arange(4)[None]
     for st in (whole, part):
         st.new_cache(1, 1, 64)
@@ -110,6 +118,9 @@ def test_stage_streams_layers_beyond_its_budget(tmp_path, monkeypatch):
     assert outs[0].op == outs[1].op == P.LOGITS
     assert torch.equal(outs[0].tensors[0], outs[1].tensors[0])
     part.streamed_layers.close()
+    part.memory_limit = 1 << 20  # below the smallest plan: a clear error naming the budget it needs
+    with pytest.raises(MemoryBudgetError, match="give at least"):
+        part.assign(Assignment(0, 8, True, True), 64, 1)
 
 
 def test_host_peers_with_close_speeds_count_as_equal():

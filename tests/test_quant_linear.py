@@ -32,11 +32,23 @@ def test_fused_linears_give_each_output_its_own_bits(rows):
 
 
 def test_linear_matches_the_dequantized_weight():
+    """The compiled kernels quantize activations to 8 bits per block (llama.cpp's Q8_K for K-quants):
+    within the rounding bound of the float64 product on those activations, and within 8-bit
+    activation error of the float product; the portable path multiplies float32 activations."""
+    from kernel_reference import reference
+    from pipeload.quant import kernels
+
     lin = Linear(256, 96)
     lin.weight = _weight(96, 256, T.Q5_K, 3)
     x = torch.randn(3, 256)
     exact = x.double() @ dequantize(lin.weight.blocks, T.Q5_K, (96, 256)).double().t()
-    assert ((lin(x).double() - exact).norm() / exact.norm()).item() < 1e-5  # float32 activations
+    y = lin(x).double()
+    if kernels.library() is None:
+        assert ((y - exact).norm() / exact.norm()).item() < 1e-5  # float32 activations
+    else:
+        ref, bound = reference(x, lin.weight.blocks, T.Q5_K)
+        assert bool(((y - ref).abs() <= bound).all())
+        assert ((y - exact).norm() / exact.norm()).item() < 0.02  # 8-bit activations
 
 
 def test_embedding_decodes_only_looked_up_rows_to_the_table_values():

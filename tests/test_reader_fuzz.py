@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pipeload.errors import ModelFileError, UnsupportedModelError
 from pipeload.weights.gguf import read_gguf
 from pipeload.weights.safetensors import read_safetensors_header
-from pipeload.weights.tokenizer import load_hf_tokenizer
+from pipeload.tokenizer.tokenizer import load_hf_tokenizer
 
 CLEAR = (ModelFileError, UnsupportedModelError)
 FUZZ = settings(max_examples=int(os.environ.get("PIPELOAD_FUZZ_EXAMPLES", 150)), deadline=None, database=None,

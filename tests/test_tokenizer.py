@@ -25,8 +25,8 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 
 from pipeload.errors import ModelFileError, UnsupportedModelError
 from pipeload.weights.gguf import read_gguf
-from pipeload.weights.gguf_tokenizer import PRE_TOKENIZERS, sentencepiece_metadata, tokenizer_from_gguf
-from pipeload.weights.tokenizer import PieceDecoding, Tokenizer, load_hf_tokenizer
+from pipeload.tokenizer.from_gguf import PRE_TOKENIZERS, sentencepiece_metadata, tokenizer_from_gguf
+from pipeload.tokenizer.tokenizer import PieceDecoding, Tokenizer, load_hf_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MULTILINGUAL = [

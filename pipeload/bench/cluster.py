@@ -40,8 +40,13 @@ def add_arguments(p) -> None:
     p.add_argument("--stages", default="1,2,3", help="node counts to run (default 1,2,3)")
     p.add_argument("--modes", default="pipeline,tensor", help="pipeline, tensor or both (default both)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each configuration, median (default 1)")
-    p.add_argument("--parts", default="scaling,served,allreduce",
-                   help="loopback parts to run: scaling, served, allreduce (default all three)")
+    p.add_argument("--parts", default=None,
+                   help="loopback parts to run: scaling, served, allreduce (default all three; none with --trace)")
+    p.add_argument("--trace", action="store_true",
+                   help="traced runs (1 process; tensor parallel 2 ranks; pipeline 2 stages, 1 and 2 streams): "
+                        "chrome-trace JSON per run (Perfetto) under OUT/cluster-trace/, a PNG and a per-token "
+                        "breakdown per rank and stage")
+    p.add_argument("--model", default=None, help="an existing GGUF to run instead of the synthetic shape")
     p.add_argument("--netns", action="store_true", help="also over two namespaces with a 1 Gbit/s veth (root)")
     p.add_argument("--llama-rpc", action="store_true", help="also llama.cpp's RPC backend (built once if needed)")
 
@@ -51,8 +56,13 @@ def load_average() -> float:
 
 
 def model_path(a) -> Path:
-    """The benchmark's synthetic GGUF (written once into the bench cache)."""
+    """The benchmark's synthetic GGUF (written once into the bench cache), or --model."""
     from dataclasses import replace
+
+    if getattr(a, "model", None):
+        if not Path(a.model).is_file():
+            raise FileNotFoundError(f"--model {a.model}: no such file")
+        return Path(a.model)
 
     from .synth import SHAPES, write_synthetic_gguf
 
@@ -79,9 +89,37 @@ def child_single(spec: dict) -> dict:
     m = PipelineModel.from_pretrained(spec["model"], threads=1)
     prompts = [[(7 * s + k) % 1000 + 1 for k in range(spec["prompt"])] for s in range(spec["streams"])]
     list(m.stream(prompts[0], max_tokens=4, temperature=0))  # warm up
+    from pipeload.cluster.trace import TRACE
+
+    if TRACE.enabled:
+        return _traced_single(m, prompts, spec["tokens"])
     list(m.stream(prompts, max_tokens=spec["tokens"], temperature=0, ignore_eos=True))
     st = m.stats
     return {"tokens_per_second": st["generation_tps"], "load": load_average()}
+
+
+def _traced_single(m, prompts, tokens: int) -> dict:
+    """The one-process baseline with its layers, head and steps traced (cluster/trace.py)."""
+    from pipeload.cluster.trace import TRACE, trace_blocks
+
+    ex = m.engine.executor
+    TRACE.label = "single-process"
+    trace_blocks(ex.layers.blocks, ex.model)
+    forward = ex.forward
+
+    def step(*a, **k):
+        with TRACE.span("step", "step"):
+            return forward(*a, **k)
+
+    ex.forward = step
+    it = m.stream(prompts[0], max_tokens=tokens, temperature=0, ignore_eos=True)
+    next(it)  # the prompt pass and the first token: the decode phase starts after them
+    t0 = time.perf_counter()
+    n = sum(1 for _ in it)
+    t1 = time.perf_counter()
+    TRACE.add("decode", "bench", t0, t1, tokens=n, streams=1)
+    TRACE.dump()
+    return {"tokens_per_second": n / (t1 - t0), "load": load_average()}
 
 
 def child_cluster(spec: dict) -> dict:
@@ -123,6 +161,10 @@ def child_cluster(spec: dict) -> dict:
             t.join(600)
         seconds = time.perf_counter() - t0
         decoded = sum(done) - S
+        from pipeload.cluster.trace import TRACE
+
+        TRACE.add("decode", "bench", t0, t0 + seconds, tokens=decoded, streams=S)
+        TRACE.label = "coordinator"
         hops = per_token_traffic(engine, m, prompts[0])
         predicted = engine_predictions(engine, S)
         out = {"tokens_per_second": decoded / seconds, "predicted": predicted, "load": load_average(),
@@ -132,6 +174,9 @@ def child_cluster(spec: dict) -> dict:
         return out
     finally:
         reap(procs, 10)
+        from pipeload.cluster.trace import TRACE
+
+        TRACE.dump()
 
 
 CHILD_ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TORCH_CPP_LOG_LEVEL": "ERROR"}
@@ -427,11 +472,18 @@ def run(a) -> int:
     print(f"load average before: {load_average():.2f} (2 cores shared with other work: ratios are side by side)")
     model = model_path(a)
     t0 = time.time()
-    parts = set(a.parts.split(","))
+    parts_arg = a.parts if a.parts is not None else ("" if a.trace else "scaling,served,allreduce")
+    parts = set(parts_arg.split(",")) - {"", "none"}
     unknown = parts - {"scaling", "served", "allreduce"}
     if unknown:
         raise ValueError(f"unknown --parts {sorted(unknown)}: choose from scaling, served, allreduce")
     results, table, report = [], "", {"model": str(model)}
+    if a.trace:
+        from .cluster_trace import traced_runs
+
+        report["trace"], trace_table = traced_runs(a, model, out)
+        print(trace_table)
+        table += trace_table
     if "scaling" in parts:
         results, table = scaling(a, model)
         print(f"\n## Scaling on loopback ({model.name}, {a.tokens} tokens per stream, 1 thread per process)\n")

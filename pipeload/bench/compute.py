@@ -1,14 +1,17 @@
 """`pipeload bench compute`: the race with llama.cpp on the same GGUF files, llama-bench style.
 
-A 1.1B Llama shape (TinyLlama's) with random weights (bench/synth.py) at F16, Q8_0 and Q4_K_M.
-For each file, pipeload and llama.cpp (llama-cpp-python) run in fresh processes, alternating, with
-the same thread count: prompt processing of 128 and 512 tokens (one pass from an empty cache,
-logits of the last token) and generation of 128 tokens one at a time. Both are measured at the
-same level: pipeload's executor step (what `PipelineModel.generate` runs, without sampling) and
-llama.cpp's `eval` (llama_decode), as llama-bench does. Medians of the runs, ratios to llama.cpp,
-and the memory-bandwidth bound of generation: memory bandwidth (measured in this run) / bytes read
-per token (every weight but the embedding table; pipeload's bound uses its own packed bytes).
-The load average is recorded before and after every run: timings on a busy machine are not comparable.
+A 1.1B Llama shape (TinyLlama's) with random weights (bench/synth.py) at Q4_K_M, Q8_0, Q6_K,
+Q5_K_M, Q4_0 and F16, and the real models of REAL_MODELS where present (`--models`). For each file,
+pipeload and llama.cpp (llama-cpp-python) run in fresh processes, alternating, with the same thread
+count: prompt processing of 128 and 512 tokens (one pass from an empty cache) and generation of
+128 tokens one at a time. pipeload is measured as users run it, through `PipelineModel.generate`
+(greedy; the prompt figure is its prompt pass, the generation figure its decode passes, from
+`model.stats`); llama.cpp through `eval` (llama_decode), as llama-bench does (no sampling cost).
+Medians of the runs, ratios to llama.cpp, the bytes each engine reads per generated token (pipeload:
+every weight its linears compute on, counted from the loaded model; llama.cpp: every tensor but the
+embedding table) and the memory-bandwidth bound of generation: memory bandwidth (measured in this
+run) / those bytes. The kernels that ran are printed per run. The load average is recorded before
+and after every run: timings on a busy machine are not comparable.
 """
 
 from __future__ import annotations
@@ -22,43 +25,56 @@ from pathlib import Path
 from .harness import default_cache, markdown_table, median, run_child, save
 from .synth import SHAPES, write_synthetic_gguf
 
-FORMATS = ["f16", "q8_0", "q4_k_m"]
+FORMATS = ["q4_k_m", "q8_0", "q6_k", "q5_k_m", "q4_0", "f16"]
+REAL_MODELS = ["qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"]  # in ~/.cache/pipeload/models (shared/models/fetch.sh)
 
 _PIPELOAD = r"""
 import json, sys, time
 import pipeload, torch
-from pipeload.runtime.engine import load_engine
+from pipeload import PipelineModel
+from pipeload.models.common import Embedding
+from pipeload.quant import ops
+from pipeload.quant.ops import GGMLWeight
 from pipeload.runtime.memory import peak_rss
 path, threads, prompts, gen = sys.argv[1], int(sys.argv[2]), [int(p) for p in sys.argv[3].split(",")], int(sys.argv[4])
 torch.set_num_threads(threads)
 t0 = time.perf_counter()
-eng = load_engine(path)
+model = PipelineModel.from_pretrained(path)
 load_s = time.perf_counter() - t0
-ex = eng.executor
+eng = model.engine
 g = torch.Generator().manual_seed(0)
-ids = torch.randint(100, eng.args.vocab_size - 1, (1, max(prompts) + gen + 1), generator=g)
+ids = torch.randint(100, eng.args.vocab_size - 1, (max(prompts) + gen + 1,), generator=g).tolist()
 
-def pp(n):
-    cache = eng.new_cache(1, n + 1)
-    t = time.perf_counter()
-    ex.forward(ids[:, :n], torch.arange(n)[None], cache, logit_index=torch.tensor([n - 1]))
-    return n / (time.perf_counter() - t)
+def pp(n):  # the prompt pass of generate() (one token sampled from it)
+    model.generate(ids[:n], max_tokens=1, ignore_eos=True)
+    return model.stats["prompt_tokens"] / model.stats["prompt_seconds"]
 
-def tg(n):
-    cache = eng.new_cache(1, n + 2)
-    ex.forward(ids[:, :1], torch.zeros(1, 1, dtype=torch.long), cache, logit_index=torch.tensor([0]))
-    t = time.perf_counter()
-    for i in range(1, n + 1):
-        ex.forward(ids[:, i:i + 1], torch.tensor([[i]]), cache, logit_index=torch.tensor([0]))
-    return n / (time.perf_counter() - t)
+def tg(n):  # generate()'s decode passes (greedy), after a one-token prompt
+    model.generate(ids[:1], max_tokens=n + 1, ignore_eos=True)
+    return model.stats["generation_tps"]
 
-pp(32); tg(4)  # warm up (and build the unpacking kernels once)
+pp(32); tg(4)  # warm up (and build the kernels once)
+calls = ops.kernel_calls()
 out = {f"pp{n}": pp(n) for n in prompts}
 out[f"tg{gen}"] = tg(gen)
-blocks = ex.layers.blocks
-nbytes = lambda m: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()) if t is not None)
-head = nbytes(eng.model) - nbytes(eng.model.token_embd)
-out.update(load_s=load_s, peak_rss=peak_rss(), read_bytes_per_token=sum(nbytes(b) for b in blocks) + head)
+# bytes one decode step reads: every weight a linear computes on (the blocks as stored, once each)
+# and the norms; the embedding table only where it is also the output head (tied)
+ex = eng.executor
+mods = [eng.model] + [ex.layers.acquire(i) for i in range(ex.n_layers)]
+seen, read = set(), 0
+for root in mods:
+    for m in root.modules():
+        for name in ("weight", "bias"):
+            w = getattr(m, name, None)
+            if isinstance(m, Embedding) and name == "weight":
+                continue
+            t = w.blocks if isinstance(w, GGMLWeight) else w
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                read += t.numel() * t.element_size()
+for i in range(ex.n_layers):
+    ex.layers.release(i)
+out.update(load_s=load_s, peak_rss=peak_rss(), read_bytes_per_token=read, kernels=ops.describe_kernels(calls))
 print(json.dumps(out))
 """
 
@@ -112,6 +128,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen", type=int, default=128, help="tokens generated (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="runs per engine and file, alternating (default 3)")
     p.add_argument("--engines", default="pipeload,llama.cpp", help="which engines (default both)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated GGUF files to race as well (default: the real models of REAL_MODELS "
+                        "found in ~/.cache/pipeload/models; '' for none)")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the pipeload runs (repeatable)")
 
 
@@ -134,10 +153,13 @@ def model_file(shape: str, mix: str) -> Path:
 
 
 def gguf_read_bytes(path: Path) -> int:
-    """Bytes llama.cpp reads per generated token: every tensor except the embedding table."""
+    """Bytes llama.cpp reads per generated token: every tensor except the embedding table (which it
+    does read where it is also the output head: no output.weight)."""
     from ..runtime.spec import open_model
 
-    return sum(t.nbytes for name, t in open_model(path).checkpoint.tensors.items() if name != "token_embd.weight")
+    tensors = open_model(path).checkpoint.tensors
+    tied = "output.weight" not in tensors
+    return sum(t.nbytes for name, t in tensors.items() if name != "token_embd.weight" or tied)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,6 +169,18 @@ def run(args: argparse.Namespace) -> int:
     tests = [f"pp{p}" for p in args.prompts.split(",")] + [gen_key]
     env = dict(kv.split("=", 1) for kv in args.env)
     files = {f: model_file(args.shape, f) for f in formats}
+    labels = {f: f"llama {args.shape.upper()} {f.upper()}" for f in formats}
+    if args.models is None:
+        real = [Path.home() / ".cache" / "pipeload" / "models" / n for n in REAL_MODELS]
+        real = [p for p in real if p.exists()]
+    else:
+        real = [Path(p) for p in args.models.split(",") if p]
+    for p in real:
+        if not p.exists():
+            raise SystemExit(f"bench compute: no model file {p}")
+        files[p.stem] = p
+        labels[p.stem] = p.stem
+        formats.append(p.stem)
     load_before = load_average()
     bandwidths = [run_child(_BANDWIDTH, args.threads)["memory_bandwidth"] for _ in range(3)]
     bandwidth = median(bandwidths)
@@ -164,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
                 r.update(load_before=before, load_after=load_average(), seconds=time.perf_counter() - t0)
                 results[f][e].append(r)
                 print(f"[compute] {f} {e} run {rep + 1}: " + ", ".join(f"{t} {r[t]:.1f}" for t in tests)
-                      + f" tok/s (load {before:.2f} -> {r['load_after']:.2f})", flush=True)
+                      + f" tok/s (load {before:.2f} -> {r['load_after']:.2f})"
+                      + (f" [{r['kernels']}]" if "kernels" in r else ""), flush=True)
     rows, summary = [], {}
     for f in formats:
         gguf_bytes = files[f].stat().st_size
@@ -179,12 +214,13 @@ def run(args: argparse.Namespace) -> int:
                 ref = median([r[t] for r in results[f].get("llama.cpp", [])]) if e != "llama.cpp" else None
                 bound = bandwidth / read_bytes[e] if t == gen_key and e in read_bytes else None
                 summary.setdefault(f, {}).setdefault(e, {})[t] = {"median": med, "runs": values, "bound": bound}
-                rows.append([f"llama 1B {f.upper()}", f"{gguf_bytes / 2**30:.2f} GiB", e, args.threads, t,
+                rows.append([labels[f], f"{gguf_bytes / 2**30:.2f} GiB", e, args.threads, t,
                              f"{med:.2f} ({min(values):.2f}-{max(values):.2f})",
                              f"{med / ref:.2f}x" if ref else "",
+                             f"{read_bytes[e] / 1e6:.0f} MB" if t == gen_key and e in read_bytes else "",
                              f"{bound:.1f} ({100 * med / bound:.0f}%)" if bound else ""])
     headers = ["model", "size", "engine", "threads", "test", "t/s median (min-max)", "vs llama.cpp",
-               "bound t/s (% reached)"]
+               "bytes read/token", "memory bound t/s (% reached)"]
     table = markdown_table(headers, rows)
     load_after = load_average()
     note = (f"memory bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(bandwidths)}); load average "

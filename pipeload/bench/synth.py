@@ -40,9 +40,13 @@ SHAPES = {
     "70b": LlamaShape(8192, 80, 64, 8, 28672, 32000, 4096),      # Llama 2 70B (use n_layers to size it)
 }
 
-# llama.cpp's Q4_K_M mix, simplified: attn_v and ffn_down in Q6_K for the first, last and every
-# third layer (use_more_bits), everything else Q4_K; output Q6_K; token_embd Q4_K.
-MIXES = {"q4_k_m", "q8_0", "f16", "q4_0", "q4_k"}
+# llama.cpp's Q4_K_M and Q5_K_M mixes, simplified: attn_v and ffn_down in Q6_K for the first, last
+# and every third layer (use_more_bits), everything else Q4_K (Q5_K); output Q6_K; token_embd as
+# the rest. The other mixes are one type throughout.
+_BASE = {"q4_k_m": T.Q4_K, "q5_k_m": T.Q5_K, "q8_0": T.Q8_0, "f16": T.F16, "bf16": T.BF16, "q4_0": T.Q4_0,
+         "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K,
+         "q2_k": T.Q2_K, "q3_k": T.Q3_K}
+MIXES = set(_BASE)
 
 
 def tensor_types(shape: LlamaShape, mix: str) -> dict[str, T]:
@@ -53,18 +57,18 @@ def tensor_types(shape: LlamaShape, mix: str) -> dict[str, T]:
         return i < L // 8 or i >= 7 * L // 8 or (i - L // 8) % 3 == 2
 
     types = {}
-    base = {"q4_k_m": T.Q4_K, "q8_0": T.Q8_0, "f16": T.F16, "q4_0": T.Q4_0, "q4_k": T.Q4_K}[mix]
+    base = _BASE[mix]
     types["token_embd.weight"] = base
     for i in range(L):
         for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
             t = base
-            if mix == "q4_k_m" and name in ("attn_v", "ffn_down") and more_bits(i):
+            if mix in ("q4_k_m", "q5_k_m") and name in ("attn_v", "ffn_down") and more_bits(i):
                 t = T.Q6_K
             types[f"blk.{i}.{name}.weight"] = t
         types[f"blk.{i}.attn_norm.weight"] = T.F32
         types[f"blk.{i}.ffn_norm.weight"] = T.F32
     types["output_norm.weight"] = T.F32
-    types["output.weight"] = T.Q6_K if mix == "q4_k_m" else base
+    types["output.weight"] = T.Q6_K if mix in ("q4_k_m", "q5_k_m") else base
     return types
 
 
@@ -95,17 +99,25 @@ def random_tensor(rng: np.random.Generator, qtype: T, shape: tuple[int, ...], st
         return np.ones(shape, dtype=np.float32) if len(shape) == 1 else rng.standard_normal(shape, np.float32) * std
     if qtype == T.F16:
         return (rng.standard_normal(shape, np.float32) * std).astype(np.float16)
+    if qtype == T.BF16:  # the top half of float32 (truncated: a random weight needs no rounding)
+        bits = (rng.standard_normal(shape, np.float32) * std).view(np.uint32) >> 16
+        return bits.astype(np.uint16).view(np.uint8).reshape(*shape[:-1], -1)
     block, size = GGML_QUANT_SIZES[qtype]
     nb = n // block
     raw = rng.integers(0, 256, size=(nb, size), dtype=np.uint8)
     if qtype == T.Q8_0:           # q uniform in [-128, 127]: std ~ 74 d
         raw[:, 0:2] = _f16(std / 74)
-    elif qtype == T.Q4_0:         # (q - 8) uniform: std ~ 4.6 d
-        raw[:, 0:2] = _f16(std / 4.6)
-    elif qtype == T.Q4_K:         # d*sc*q - dmin*m with sc = m = 32 + 8-bit noise, dmin = 7.5 d: centred
-        d = std / (4.6 * 40)
+    elif qtype in (T.Q4_0, T.Q5_0):  # (q - 8) or (q - 16) uniform: std ~ 4.6 d or 9.2 d
+        raw[:, 0:2] = _f16(std / (4.6 if qtype == T.Q4_0 else 9.2))
+    elif qtype in (T.Q4_1, T.Q5_1):  # d q + m, centred by m = -7.5 d (-15.5 d)
+        spread, mid = (4.6, 7.5) if qtype == T.Q4_1 else (9.2, 15.5)
+        raw[:, 0:2] = _f16(std / spread)
+        raw[:, 2:4] = _f16(-mid * std / spread)
+    elif qtype in (T.Q4_K, T.Q5_K):  # d*sc*q - dmin*m with sc = m = 32 + noise: centred
+        spread, mid = (4.6, 7.5) if qtype == T.Q4_K else (9.2, 15.5)
+        d = std / (spread * 40)
         raw[:, 0:2] = _f16(d)
-        raw[:, 2:4] = _f16(7.5 * d)
+        raw[:, 2:4] = _f16(mid * d)
         sc = rng.integers(32, 48, size=(nb, 8), dtype=np.uint8)
         raw[:, 4:8] = sc[:, :4]                                  # low 6 bits of sc 0-3, top bits 0
         raw[:, 8:12] = sc[:, :4]                                 # m 0-3 = sc 0-3
@@ -113,6 +125,17 @@ def random_tensor(rng: np.random.Generator, qtype: T, shape: tuple[int, ...], st
     elif qtype == T.Q6_K:         # d * sc * (q - 32), q uniform in 0..63: std ~ 18.5 d sc
         raw[:, 192:208] = rng.integers(8, 16, size=(nb, 16), dtype=np.uint8)
         raw[:, 208:210] = _f16(std / (18.5 * 12))
+    elif qtype == T.Q2_K:         # d*sc*q - dmin*m, q in 0..3, sc = m in 8..15: centred by dmin = 1.5 d
+        sc = rng.integers(8, 16, size=(nb, 16), dtype=np.uint8)
+        raw[:, 0:16] = sc | (sc << 4)
+        d = std / (1.12 * 11.5)
+        raw[:, 80:82] = _f16(d)
+        raw[:, 82:84] = _f16(1.5 * d)
+    elif qtype == T.Q3_K:         # d * sc * (q - 4), q in 0..7: six-bit scales 40..47 (sc 8..15)
+        lo = rng.integers(8, 16, size=(nb, 8), dtype=np.uint8)
+        raw[:, 96:104] = lo | (lo << 4)
+        raw[:, 104:108] = 0xAA                                   # top two bits 2 for every scale
+        raw[:, 108:110] = _f16(std / (2.29 * 11.5))
     else:
         raise ValueError(f"no random generator for {qtype.name}")
     return raw.reshape(*shape[:-1], -1)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from . import protocol as P
 from .rendezvous import ClusterError, set_json
+from .trace import TRACE
 
 
 PING_GAP = 0.01  # seconds between latency pings
@@ -223,7 +224,8 @@ class Coordinator:
             if m.op == P.STOP:
                 return  # the workers acknowledged close()
             if m.epoch == self.epoch:
-                self._deliver(rank, m, payload)
+                with TRACE.span("deliver", "serialise", step=m.step):
+                    self._deliver(rank, m, payload)
 
     def _deliver(self, rank: int, m: P.Message, payload: torch.Tensor) -> None:
         """File one rank's reply; the step's future resolves once every last-stage rank answered
@@ -320,9 +322,14 @@ class Coordinator:
         while True:
             epoch = self.epoch
             try:
+                t0 = time.perf_counter()
                 fut = self.submit(tokens, positions, cache, logit_index, spans)
+                t1 = time.perf_counter()
                 try:
                     logits = fut.result(timeout=self.step_timeout)
+                    if TRACE.enabled:
+                        TRACE.add("submit", "serialise", t0, t1, T=tokens.shape[1])
+                        TRACE.add("wait logits", "recv", t1, time.perf_counter(), T=tokens.shape[1])
                 except FutureTimeout:
                     self.mark_failed(f"no answer within {self.step_timeout:.0f} s", epoch)
                     raise Lost(self.failure) from None

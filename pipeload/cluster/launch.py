@@ -12,16 +12,13 @@ import atexit
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
 from ..runtime.executor import PREFILL_CHUNK
 from ..runtime.kv_cache import KVCache
-from ..runtime.spec import ModelSpec, open_model
-from ..weights.checkpoint import Checkpoint
-from ..weights.index import WeightsIndex
+from ..runtime.spec import ModelSpec, SpecView, open_model
 from .coordinator import Coordinator, RemoteCache
 from .placement import (LinkSpec, ModelCost, NodeSpec, Placement, even_out_host_peers, host_limits, place_pipeline,
                         predict_tensor_parallel, replan_without)
@@ -132,7 +129,7 @@ class ClusterExecutor:
 
 
 @dataclass
-class ClusterEngine:
+class ClusterEngine(SpecView):
     """An Engine whose layers run on the workers of a cluster (see runtime/engine.py)."""
 
     spec: ModelSpec
@@ -143,30 +140,6 @@ class ClusterEngine:
     plan: Any = None
     io_mode: str | None = None
     model: Any = None
-
-    @property
-    def checkpoint(self) -> Checkpoint:
-        return self.spec.checkpoint
-
-    @property
-    def arch(self) -> ModuleType:
-        return self.spec.arch
-
-    @property
-    def args(self) -> Any:
-        return self.spec.args
-
-    @property
-    def index(self) -> WeightsIndex:
-        return self.spec.index
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.spec.dtype
-
-    @property
-    def context_length(self) -> int:
-        return self.context or self.args.context_length
 
     @property
     def pipeline_depth(self) -> int:
@@ -273,8 +246,8 @@ class _Planner:
     """Makes the plan of every epoch: the first from the workers' figures, the next ones from
     the previous placement without the dead workers."""
 
-    def __init__(self, mode, args, index, cost, nodes, link, context, batch, step_timeout, world_size, rank_of):
-        self.mode, self.args, self.index, self.cost = mode, args, index, cost
+    def __init__(self, mode, spec, cost, nodes, link, context, batch, step_timeout, world_size, rank_of):
+        self.mode, self.spec, self.args, self.cost = mode, spec, spec.args, cost
         self.nodes, self.link, self.context, self.batch = nodes, link, context, batch
         self.step_timeout, self.world_size, self.rank_of = step_timeout, world_size, rank_of
         self.placement: Placement | None = None
@@ -299,7 +272,7 @@ class _Planner:
         else:
             from .shard import make_shards
 
-            shards = make_shards(self.args, self.index, [n.decode_bandwidth for n in nodes])
+            shards = make_shards(self.spec, [n.decode_bandwidth for n in nodes])
             assignments = {str(i): Assignment(0, self.args.n_layers, True, True, sh).as_dict()
                            for i, sh in zip(ids, shards)}
             extra = {"tp_ranks": [self.rank_of[i] for i in ids]}
@@ -350,7 +323,16 @@ def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "p
     if workers < 1:
         raise ValueError(f"a cluster needs at least one worker, got {workers}")
     spec = open_model(path, dtype)
-    ckpt, args, index, dtype = spec.checkpoint, spec.args, spec.index, spec.dtype
+    if spec.is_encoder:
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"{spec.path} is an encoder ({spec.checkpoint.architecture}): encoders run in "
+                                    "one process (with memory_limit to stream), not on a cluster")
+    ckpt, args, dtype = spec.checkpoint, spec.args, spec.dtype
+    if mode == "tensor":
+        from ..runtime.sharding import tensor_parallel_plan
+
+        tensor_parallel_plan(spec)  # refuse an architecture that cannot split before waiting for workers
     context = min(context or args.context_length, args.context_length)
     fp = fingerprint(ckpt.path)
     host, port = parse_address(address)
@@ -367,7 +349,7 @@ def connect_cluster(path: str | Path, address: str, workers: int, mode: str = "p
     nodes = dict(zip(ids, even_out_host_peers([node_spec(wid, hellos[wid]) for wid in ids])))
     cost = model_cost(spec)
     link = link or LinkSpec()
-    planner = _Planner(mode, args, index, cost, nodes, link, context, batch, step_timeout, len(ids) + 1, rank_of)
+    planner = _Planner(mode, spec, cost, nodes, link, context, batch, step_timeout, len(ids) + 1, rank_of)
     planner.names, planner.dtype = {wid: h["name"] for wid, h in hellos.items()}, dtype
     coord = Coordinator(store, monitor_store, planner, {wid: h for wid, h in hellos.items()}, mode, fp,
                         step_timeout, load_timeout)

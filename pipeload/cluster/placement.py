@@ -315,7 +315,3 @@ def even_out_host_peers(nodes: list[NodeSpec], tolerance: float = 0.2) -> list[N
             for k in members:
                 out[k] = replace(nodes[k], decode_bandwidth=median)
     return out
-
-
-def with_memory(node: NodeSpec, memory_bytes: int) -> NodeSpec:
-    return replace(node, memory_bytes=memory_bytes)

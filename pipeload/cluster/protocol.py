@@ -23,9 +23,12 @@ with the data, so every stage applies them between the same two steps.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
+
+from .trace import TRACE
 
 HEADER_LEN = 16
 TAG = 7
@@ -131,6 +134,7 @@ class Channel:
         """Start sending m to rank dst; `.wait()` on the result returns once it is delivered (gloo
         hands a message over only when the receiver has posted its receive) and raises
         RuntimeError if dst is gone. The sender may compute the next message meanwhile."""
+        t0 = time.perf_counter()
         payload = pack(m.tensors)
         n = payload.numel()
         slot = self._slot(dst)
@@ -139,7 +143,9 @@ class Channel:
         inline = n <= slot
         if inline:
             first[HEADER_LEN * 8:HEADER_LEN * 8 + n] = payload
+        t1 = time.perf_counter()
         works = [self.pg.send([first], dst, TAG)]
+        TRACE.add("pack", "serialise", t0, t1, step=m.step, op=m.op, dst=dst)
         self.bytes_sent += first.numel()
         self.messages_sent += 1
         if not inline:
@@ -155,13 +161,19 @@ class Channel:
         """(message without tensors, raw payload) from rank src; raises RuntimeError on a dead peer
         or after the group's timeout."""
         slot = self._slot(src)
+        t0 = time.perf_counter()
         first = torch.empty(HEADER_LEN * 8 + slot, dtype=torch.uint8)
         self.pg.recv([first], src, TAG).wait()
+        t1 = time.perf_counter()
         m, nbytes = Message.from_header(first[:HEADER_LEN * 8].view(torch.int64))
-        if nbytes <= slot:
-            return m, first[HEADER_LEN * 8:HEADER_LEN * 8 + nbytes]
-        payload = torch.empty(nbytes, dtype=torch.uint8)
-        self.pg.recv([payload], src, TAG).wait()
+        if nbytes > slot:
+            payload = torch.empty(nbytes, dtype=torch.uint8)
+            self.pg.recv([payload], src, TAG).wait()
+        else:
+            payload = first[HEADER_LEN * 8:HEADER_LEN * 8 + nbytes]
+        if TRACE.enabled:  # the wait, then the header's decoding (and a second payload's receive)
+            TRACE.add("recv", "recv", t0, t1, step=m.step, op=m.op, src=src)
+            TRACE.add("unpack", "serialise", t1, time.perf_counter(), step=m.step, op=m.op, src=src)
         return m, payload
 
 

@@ -5,10 +5,11 @@ those need: with grouped-query attention a key/value head shared by two ranks is
 both), a contiguous range of feed-forward columns, and a range of vocabulary rows of the head.
 Ranges are proportional to the ranks' measured speeds and need not be equal (any rank count).
 
-A rank's part is cut from the file's bytes by the block builder (runtime/sharding.py): row
-splits take whole stored rows, column splits whole GGML blocks of every row, so every rank
-computes on the same blocks, scales and integers as one process would. The partial outputs of
-attn_output and ffn_down are summed across ranks with a float32 all-reduce.
+A rank's part is cut from the file's bytes by the block builder (runtime/sharding.py), as the
+architecture declares (TENSOR_PARALLEL in models/*.py): row splits take whole stored rows,
+column splits whole GGML blocks of every row, so every rank computes on the same blocks, scales
+and integers as one process would. The partial outputs of the column-split matrices (attention
+output, feed-forward down) are summed across ranks with a float32 all-reduce.
 """
 
 from __future__ import annotations
@@ -20,38 +21,34 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..runtime.sharding import ShardSpec, block_elems
-from ..weights.index import WeightsIndex
+from ..runtime.sharding import ShardSpec, block_elems, tensor_parallel_plan
 from .placement import proportional_split
 
 __all__ = ["AllReduce", "ShardBlock", "ShardSpec", "make_shards", "split_units"]
 
 
-def split_units(index: WeightsIndex, args) -> dict[str, int]:
+def split_units(spec, plan: dict) -> dict[str, int]:
     """The granularity of each split so that every column split falls on GGML block bounds:
     {"heads": query heads, "ffn": columns, "vocab": rows}."""
-    def unit_for(names_cols: list[str], per: int) -> int:
-        unit = 1
-        for name in names_cols:
-            blk = block_elems(index.tensor(name).info.dtype)
-            unit = math.lcm(unit, blk // math.gcd(blk, per))
-        return unit
-
-    heads = ffn = 1
-    for i in range(args.n_layers):
-        heads = math.lcm(heads, unit_for([f"blk.{i}.attn_output.weight"], args.head_dim))
-        ffn = math.lcm(ffn, unit_for([f"blk.{i}.ffn_down.weight"], 1))
-    return {"heads": heads, "ffn": ffn, "vocab": 1}
+    units = {"heads": 1, "kv": 1, "ffn": 1, "vocab": 1}
+    for group in spec.index.groups.values():
+        for ref in group.tensors:
+            split = plan.get(ref.name.split(".")[-2])
+            if split is None or split[0] != "columns" or not ref.name.endswith(".weight"):
+                continue
+            per = spec.args.head_dim if split[1] in ("heads", "kv") else 1
+            blk = block_elems(ref.info.dtype)
+            units[split[1]] = math.lcm(units[split[1]], blk // math.gcd(blk, per))
+    return units
 
 
-def make_shards(args, index: WeightsIndex, speeds: list[float]) -> list[ShardSpec]:
+def make_shards(spec, speeds: list[float]) -> list[ShardSpec]:
     """One ShardSpec per rank, ranges in proportion to `speeds`; raises UnsupportedModelError when
+    the architecture declares no split (or the checkpoint stores its matrices transposed), or
     the model cannot be split over that many ranks."""
-    if getattr(args, "n_kv_heads", None) is None or not hasattr(args, "ffn_dim"):
-        raise UnsupportedModelError("tensor parallel supports the Llama family (llama, mistral, qwen2); "
-                                    "use pipeline parallel for this architecture")
+    args, plan = spec.args, tensor_parallel_plan(spec)
     n = len(speeds)
-    units = split_units(index, args)
+    units = split_units(spec, plan)
 
     def split(total: int, unit: int, what: str) -> list[tuple[int, int]]:
         if total % unit:
@@ -62,10 +59,13 @@ def make_shards(args, index: WeightsIndex, speeds: list[float]) -> list[ShardSpe
             raise UnsupportedModelError(f"{what}: {total} in units of {unit} cannot be split over {n} ranks; "
                                         f"use fewer ranks or pipeline parallel") from None
 
-    heads = split(args.n_heads, units["heads"], "query heads")
+    group = args.n_heads // args.n_kv_heads
+    # a key/value head may be shared by two ranks (both hold it), so query heads split freely,
+    # unless a column split runs along kv heads: then whole groups of query heads
+    kv_unit = units["kv"] * group if units["kv"] > 1 else 1
+    heads = split(args.n_heads, math.lcm(units["heads"], kv_unit), "query heads")
     ffn = split(args.ffn_dim, units["ffn"], "feed-forward columns")
     vocab = split(args.vocab_size, units["vocab"], "vocabulary rows")
-    group = args.n_heads // args.n_kv_heads
     out = []
     for r in range(n):
         h0, h1 = heads[r]
@@ -120,8 +120,9 @@ class AllReduce:
 
 
 class ShardBlock(nn.Module):
-    """A Llama-family block over this rank's heads and columns; partial outputs are all-reduced.
-    It runs the block's own attention and feed-forward (fused products, one-token attention)."""
+    """A pre-norm block over this rank's heads and columns (an architecture with TENSOR_PARALLEL
+    gives its Block attn_norm, attention(x, step, kv, kv_of_head), ffn_norm and feed_forward);
+    the partial outputs of attention and feed-forward are all-reduced."""
 
     def __init__(self, block: nn.Module, spec: ShardSpec, full_args, reduce: AllReduce):
         super().__init__()

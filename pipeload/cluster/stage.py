@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import MemoryBudgetError
 from ..models.common import RowSpan
 from ..runtime.blocks import build_block, build_outer
 from ..runtime.engine import load_layers
@@ -28,9 +27,6 @@ from ..weights.io import RangeReader
 from ..weights.layout import group_layouts
 from . import protocol as P
 from .shard import AllReduce, ShardBlock, ShardSpec
-
-MARGIN = 64 << 20
-
 
 @dataclass(frozen=True)
 class Assignment:
@@ -87,71 +83,57 @@ class StageModel:
         with RangeReader() as reader:
             return read_resident(group_layouts(self.index)[group], reader, "buffered", held)
 
-    def _outer(self, a: Assignment) -> nn.Module:
-        """Embeddings and/or head as the assignment asks (token embeddings are tiny to keep)."""
+    def _outer(self, a: Assignment, head: bool) -> nn.Module:
+        """Embeddings (tiny to keep, so every stage holds them) and, if `head`, the head."""
         embed = self._read("embed")
-        head = self._read("head", embed) if a.head else None
-        return build_outer(self.spec, embed=embed, head=head, shard=a.shard)
+        return build_outer(self.spec, embed=embed, head=self._read("head", embed) if head else None, shard=a.shard)
 
     def _block(self, i: int, shard: ShardSpec | None) -> nn.Module:
         block = build_block(self.spec, i, self._read(f"blk.{i}"), shard)
         return block if shard is None else ShardBlock(block, shard, self.args, self.reduce)
 
+    def plan(self, a: Assignment, context: int, batch: int, kept: dict[int, nn.Module] | None = None):
+        """The memory plan (runtime/planner.py) of assignment `a` under this worker's limit: its
+        layer range and head, or its tensor-parallel shard; the process's memory is measured now,
+        less the blocks in `kept` (they are counted as resident layers)."""
+        from ..runtime.memory import current_rss
+        from ..runtime.planner import group_sizes, make_plan
+
+        _, spans, _, _ = group_sizes(self.spec, a.shard)
+        runtime = max(0, current_rss() - sum(spans[f"blk.{i}"] for i in kept or {}))
+        return make_plan(self.spec, self.memory_limit, runtime, context, batch, 2, layers=range(a.start, a.stop),
+                         head=a.head, shard=a.shard)
+
     def assign(self, a: Assignment, context: int, batch: int) -> dict:
-        """Hold what `a` asks, keeping blocks already held (same shard); returns figures
-        {"loaded": layers read now, "kept": layers kept, "streamed": layers streamed, "seconds"}."""
+        """Hold what `a` asks, as the memory plan says (resident layers read now, the rest
+        streamed), keeping blocks already held (same shard) that stay resident; returns figures
+        {"loaded": layers read now, "kept": layers kept, "streamed": layers streamed, "seconds"}.
+        Raises MemoryBudgetError when the worker's limit cannot hold the assignment."""
+        import gc
+
         t0 = time.perf_counter()
         old = self.assignment
         same_shard = old is not None and old.shard == a.shard
         keep = {i: b for i, b in self.blocks.items() if same_shard and a.start <= i < a.stop}
-        self.blocks, kept = dict(keep), len(keep)
         if self.streamed_layers is not None:
             self.streamed_layers.close()
-            self.streamed_layers = None
-        if old is None or not same_shard or (a.embed, a.head) != (old.embed, old.head) or self.model is None:
-            self.model = self._outer(a)
+        self.blocks, self.model, self.executor, self.streamed_layers, self.caches = {}, None, None, None, {}
+        gc.collect()  # what the new assignment does not keep is gone before the process is measured
         self.context = min(context, self.args.context_length)
-        wanted = [i for i in range(a.start, a.stop) if i not in keep]
-        resident, streamed = self._fit(wanted, a, batch)
-        for i in resident:
-            self.blocks[i] = self._block(i, a.shard)
+        plan = self.plan(a, self.context, batch, keep)
+        resident = [int(g[4:]) for g in plan.resident if g.startswith("blk.")]
+        self.blocks = {i: keep[i] if i in keep else self._block(i, a.shard) for i in resident}
+        self.model = self._outer(a, head="head" in plan.resident)
         layers = ResidentLayers(self.model, self.blocks)
-        if streamed:
-            _, layers = load_layers(self.spec, [], [f"blk.{i}" for i in streamed], "buffered", 2,
+        if plan.streamed:
+            _, layers = load_layers(self.spec, [], plan.streamed, "buffered", plan.prefetch_depth,
                                     blocks=self.blocks, model=self.model)
             self.streamed_layers = layers
         self.executor = Executor(self.model, layers, self.args.n_layers, self.args.sliding_window)
-        self.assignment, self.caches = a, {}
-        return {"loaded": len(resident), "kept": kept, "streamed": len(streamed),
+        self.assignment = a
+        kept = len([i for i in resident if i in keep])
+        return {"loaded": len(resident) - kept, "kept": kept, "streamed": len(plan.streamed),
                 "seconds": time.perf_counter() - t0}
-
-    def _fit(self, wanted: list[int], a: Assignment, batch: int) -> tuple[list[int], list[int]]:
-        """(layers to hold resident, layers to stream) under the memory limit."""
-        if self.memory_limit is None or not wanted:
-            return wanted, []
-        from ..runtime.memory import current_rss, format_bytes
-        from ..runtime.planner import group_sizes
-
-        if a.shard is not None:
-            return wanted, []  # shards are a fraction of each layer: the plan sized them to fit
-        _, spans, _, _ = group_sizes(self.spec)
-        kv = KVCache.bytes_needed(a.stop - a.start, batch, self.args.n_kv_heads, self.args.head_dim, self.context,
-                                  self.dtype)
-        room = self.memory_limit - current_rss() - kv - MARGIN
-        need = sum(spans[f"blk.{i}"] for i in wanted)
-        if need <= room:
-            return wanted, []
-        ring = 3 * max(spans[f"blk.{i}"] for i in wanted)
-        if room - ring <= 0:
-            raise MemoryBudgetError(f"worker budget {format_bytes(self.memory_limit)} cannot hold a streaming ring of "
-                                    f"{format_bytes(ring)} for layers {a.start}..{a.stop - 1} beside the KV cache "
-                                    f"({format_bytes(kv)}) and the process ({format_bytes(current_rss())})")
-        resident, used = [], 0
-        for i in wanted:
-            if used + spans[f"blk.{i}"] <= room - ring:
-                resident.append(i)
-                used += spans[f"blk.{i}"]
-        return resident, [i for i in wanted if i not in resident]
 
     # -- running ---------------------------------------------------------------------------------
 

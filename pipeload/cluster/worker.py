@@ -30,6 +30,7 @@ from . import protocol as P
 from .rendezvous import (ClusterError, check_hello, fingerprint, get_json, hello, join_store, parse_address,
                          set_json, wait_key)
 from .stage import Assignment, StageModel
+from .trace import TRACE, TracedGroup, trace_blocks
 
 HEARTBEAT = 0.2
 
@@ -165,11 +166,14 @@ class Worker:
             try:
                 figures = self.stage.assign(Assignment.from_dict(part), plan["context"], plan["batch"]) if part \
                     else {"idle": True}
+                if part:
+                    trace_blocks(self.stage.blocks, self.stage.model)
             except (PipeloadError, OSError, ValueError) as e:
                 self.store.set(f"fatal/{self.id}", f"{type(e).__name__}: {e}")
                 self.stop.set()
                 raise
             self.rank = plan["rank_of"][str(self.id)]
+            TRACE.label = f"{plan['mode']}-rank{self.rank}-{self.name}"
             self.timeout = plan["step_timeout"]
             if plan["mode"] == "tensor" or part is None:
                 self.prev, self.next = 0, 0
@@ -188,9 +192,9 @@ class Worker:
             started = {}
             if plan["mode"] == "tensor":
                 tp = plan["tp_ranks"]
-                self.stage.reduce.group = dist.ProcessGroupGloo(
-                    dist.PrefixStore(f"tp/{epoch}/", self.store), tp.index(self.rank), len(tp),
-                    timedelta(seconds=self.timeout))
+                group = dist.ProcessGroupGloo(dist.PrefixStore(f"tp/{epoch}/", self.store), tp.index(self.rank),
+                                              len(tp), timedelta(seconds=self.timeout))
+                self.stage.reduce.group = TracedGroup(group) if TRACE.enabled else group
                 started["allreduce_seconds"] = self._time_allreduce()
                 started["tp_layer_seconds"] = self.stage.time_shard_step()
             self.epoch = epoch
@@ -256,6 +260,7 @@ class Worker:
             with self.lock:
                 out = self._handle(m, payload)
             t2 = time.perf_counter()
+            TRACE.add("step", "step", t1, t2, step=m.step, op=m.op, T=m.T)
             if out is not None:
                 sending = self._finish_send(sending)  # one output in flight at a time, in order
                 try:
@@ -272,7 +277,8 @@ class Worker:
         """Wait until the output in flight is delivered (reporting a lost next rank); returns None."""
         if sending is not None:
             try:
-                sending.wait()
+                with TRACE.span("send wait", "send"):
+                    sending.wait()
             except RuntimeError as e:
                 self._fail(f"lost rank {self.next}", e)
         return None
@@ -341,5 +347,6 @@ def run_worker(address: str, model_path: str, memory_limit: int | None = None, d
     w.join(join_timeout)
     print(f"pipeload worker {w.name}: joined {address} as worker {w.id}", flush=True)
     code = w.serve()
+    TRACE.dump()
     print(f"pipeload worker {w.name}: the coordinator ended the cluster", flush=True)
     return code

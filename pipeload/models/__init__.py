@@ -27,8 +27,17 @@ from types import ModuleType
 from ..errors import UnsupportedModelError
 
 # checkpoint architecture name -> pipeload module (under pipeload.models)
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2"}
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2",
+                  "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
+                  "vit": "vit", "deit": "vit",
+                  "mixtral": "mixtral", "qwen2_moe": "qwen_moe", "qwen3_moe": "qwen_moe", "olmoe": "olmoe"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2", "bert": "bert", "vit": "vit",
+                      "qwen2moe": "qwen_moe", "qwen3moe": "qwen_moe", "olmoe": "olmoe"}
+# architectures that encode (no causal attention, no KV cache, no generation)
+ENCODERS = frozenset({"bert", "vit"})
+# GGUF architectures whose files also hold another family, told apart by a metadata key:
+# llama.cpp writes Mixtral as "llama" with llama.expert_count set
+GGUF_VARIANTS = {"llama": ("llama.expert_count", "mixtral")}
 
 
 def _load(module_name: str) -> ModuleType:
@@ -43,9 +52,13 @@ def for_hf_model_type(model_type: str) -> ModuleType:
     return _load(HF_MODEL_TYPES[model_type])
 
 
-def for_gguf_architecture(arch: str) -> ModuleType:
-    """The architecture module for a GGUF `general.architecture`; raises UnsupportedModelError."""
+def for_gguf_architecture(arch: str, metadata: dict | None = None) -> ModuleType:
+    """The architecture module for a GGUF `general.architecture` (and its metadata, which tells
+    variants apart: see GGUF_VARIANTS); raises UnsupportedModelError."""
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"unknown architecture {arch!r} (GGUF general.architecture); supported: {', '.join(sorted(GGUF_ARCHITECTURES))}")
+    key, variant = GGUF_VARIANTS.get(arch, (None, None))
+    if key is not None and (metadata or {}).get(key):
+        return _load(variant)
     return _load(GGUF_ARCHITECTURES[arch])

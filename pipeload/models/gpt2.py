@@ -24,14 +24,12 @@ class ModelArgs:
     context_length: int
     tie_embeddings: bool = True
     sliding_window: int | None = None
+    head_dim: int = 0     # dim // n_heads (0: derived); a tensor-parallel shard keeps it
+    n_kv_heads: int = 0   # every head has its own keys and values (0: n_heads)
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.n_heads
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], tensor_names: set[str]) -> "ModelArgs":
@@ -63,23 +61,27 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.args = args
-        d = args.dim
+        d, inner = args.dim, args.n_heads * args.head_dim
         self.attn_norm = LayerNorm(d, args.norm_eps)
-        self.attn_qkv = Linear(d, 3 * d, bias=True)
-        self.attn_output = Linear(d, d, bias=True)
+        self.attn_qkv = Linear(d, 3 * inner, bias=True)
+        self.attn_output = Linear(inner, d, bias=True)
         self.ffn_norm = LayerNorm(d, args.norm_eps)
         self.ffn_up = Linear(d, args.ffn_dim, bias=True)
         self.ffn_down = Linear(args.ffn_dim, d, bias=True)
 
-    def attention(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None,
+                  kv_of_head: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
         H, hd = self.args.n_heads, self.args.head_dim
         q, k, v = self.attn_qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
-        return self.attn_output(cached_attention(q, k, v, kv, step))
+        return self.attn_output(cached_attention(q, k, v, kv, step, kv_of_head=kv_of_head))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_down(F.gelu(self.ffn_up(x), approximate="tanh"))
 
     def forward(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None) -> torch.Tensor:
         h = x + self.attention(self.attn_norm(x), step, kv)
-        return h + self.ffn_down(F.gelu(self.ffn_up(self.ffn_norm(h)), approximate="tanh"))
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Model(nn.Module):
@@ -124,6 +126,13 @@ HF_NAME_RULES = [
     (_P + r"h\.(\d+)\.mlp\.c_proj\.bias", r"blk.\1.ffn_down.bias"),
     (_P + r"h\.(\d+)\.attn\.(?:bias|masked_bias)", None),  # causal-mask buffers of old checkpoints
 ]
+
+
+# Tensor-parallel split (see llama.py): attn_qkv stacks q, k and v, each split by heads.
+TENSOR_PARALLEL = {
+    "attn_qkv": ("rows", "heads", 3), "attn_output": ("columns", "heads"),
+    "ffn_up": ("rows", "ffn"), "ffn_down": ("columns", "ffn"), "output": ("rows", "vocab"),
+}
 
 
 def gguf_architecture(args: ModelArgs) -> str:

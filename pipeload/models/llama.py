@@ -191,6 +191,19 @@ HF_NAME_RULES = [
 ]
 
 
+# How a block splits over tensor-parallel ranks (runtime/sharding.py), as plain data: each matrix
+# by rows (its outputs) or by columns (its inputs), along query heads, key/value heads,
+# feed-forward columns or vocabulary rows; everything else is replicated. A rank's block is this
+# Block with its share of heads and columns, run by cluster/shard.py's ShardBlock: attn_norm ->
+# attention -> all-reduce -> ffn_norm -> feed_forward -> all-reduce.
+TENSOR_PARALLEL = {
+    "attn_q": ("rows", "heads"), "attn_k": ("rows", "kv"), "attn_v": ("rows", "kv"),
+    "attn_output": ("columns", "heads"),
+    "ffn_gate": ("rows", "ffn"), "ffn_up": ("rows", "ffn"), "ffn_down": ("columns", "ffn"),
+    "output": ("rows", "vocab"),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Export to GGUF with llama.cpp's conventions
 

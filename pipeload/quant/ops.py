@@ -19,32 +19,73 @@ Contract (tests hold every implementation to it):
 - Bad arguments (shape mismatch, wrong byte count, unknown type) raise ValueError /
   UnsupportedModelError before any memory is touched.
 
-This file holds the interface and the portable implementation (torch only: dequantize the
-rows, multiply). The compiled kernels (quant/kernels/, loaded by quant/ckernels.py) replace the
-bodies where they are available; the portable path stays as the fallback when no compiler
-exists, and is forced in a test so that it keeps working.
+Implementations: the compiled kernels of quant/kernels/ (integer dot products on the blocks as
+stored, activations quantized to 8 bits per block as llama.cpp does; `backend()` names the code
+path) where a C compiler exists, else the portable one here (torch only: dequantize the rows,
+multiply), which is forced in a test so that it keeps working (PIPELOAD_NO_C_KERNELS=1 forces it).
+The compiled decode products give every row the same bits at any M (not only up to
+EXACT_ROWS), and the same bits on every CPU they run on (AVX512, AVX2, NEON and plain C follow
+one order of operations per type).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from pipeload.quant import kernels
+from pipeload.quant.registry import quant_type_name, row_nbytes
+
 EXACT_ROWS = 64          # rows up to which every row is computed as if it were alone
-UNPACK_ROWS = 2048       # weight rows dequantized at a time in the portable path (bounds scratch)
+UNPACK_ROWS = 2048       # weight rows dequantized at a time by the portable path (bounds scratch)
+FLOAT_TILE_ROWS = 256    # float weight rows converted at a time for a prompt's float32 GEMM
+GEMM_ROWS = 8            # from this many rows, block types run through the kernels' GEMM (same bits)
+MIN_PARALLEL_BYTES = 1 << 18  # smaller products run on the calling thread: waking another costs more
+_DESC = 6                # int64 fields per weight in a pl_linear call (quant/kernels/api.c)
 
 
 @dataclass
 class GGMLWeight:
     """A weight matrix as stored: `blocks` uint8 (N, row_bytes) holding N rows of K values of
-    type `qtype` (a view into the bytes read from the file; never copied)."""
+    type `qtype` (a view into the bytes read from the file; never copied). `name` (the tensor's
+    name in the file) is used in error messages.
+
+    Raises ValueError when the blocks do not hold N rows of K values of `qtype` (shape, dtype,
+    row bytes, a row length that is not whole blocks), UnsupportedModelError for a type pipeload
+    does not decode.
+    """
 
     qtype: GGMLQuantizationType
     shape: tuple[int, int]        # (N, K), torch order: N output rows of K inputs
-    blocks: torch.Tensor          # uint8 (N, row_bytes)
+    blocks: torch.Tensor          # uint8 (N, row_bytes); or rows left on disk (weights/rows.DiskRows)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        what = f"weight {self.name!r}" if self.name else "weight"
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise ValueError(f"{what}: shape {self.shape} is not (rows, columns) of positive sizes")
+        n, k = int(self.shape[0]), int(self.shape[1])
+        try:
+            rb = row_nbytes(self.qtype, k)
+        except ValueError as e:  # ModelFileError / UnsupportedModelError from the sizes table
+            raise type(e)(f"{what} of shape {self.shape}: {e}") from None
+        b = self.blocks
+        if not isinstance(b, torch.Tensor) and hasattr(b, "__getitem__") and tuple(getattr(b, "shape", ())) == (n, rb):
+            self.shape = (n, k)  # a table left on disk (DiskRows): only looked up by rows, never multiplied
+            return
+        if not isinstance(b, torch.Tensor) or b.dtype != torch.uint8 or b.dim() != 2 or tuple(b.shape) != (n, rb):
+            got = f"{tuple(b.shape)} {b.dtype}" if isinstance(b, torch.Tensor) else type(b).__name__
+            raise ValueError(f"{what}: {quant_type_name(self.qtype)} of shape {self.shape} needs uint8 blocks of "
+                             f"shape ({n}, {rb}), got {got}")
+        if b.stride(1) != 1 or b.device.type != "cpu":
+            raise ValueError(f"{what}: blocks must be CPU rows of contiguous bytes (stride {b.stride()})")
+        self.shape = (n, k)
 
     @property
     def nbytes(self) -> int:
@@ -56,6 +97,16 @@ class GGMLWeight:
 
         r1 = self.shape[0] if r1 is None else r1
         return dequantize(self.blocks[r0:r1], self.qtype, (r1 - r0, self.shape[1]), out_dtype=dtype)
+
+
+def backend() -> str:
+    """Which kernels run the products: "avx512-vnni", "avx2", "neon-dotprod", "neon",
+    "generic-c", or "portable (reason)" for the torch path."""
+    return kernels.backend()
+
+
+# ---------------------------------------------------------------------------------------------
+# The portable path (torch only)
 
 
 def _portable_linear(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
@@ -77,21 +128,162 @@ def _portable_linear(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
 
 def scratch_bytes(n: int, k: int) -> int:
     """Most temporary memory one linear() call on an (n, k) weight may hold beside its input and
-    output (the memory planner counts it): the portable path dequantizes UNPACK_ROWS rows to float32."""
-    return min(n, UNPACK_ROWS) * k * 4
+    output (the memory planner counts it). Portable path: UNPACK_ROWS rows dequantized to float32.
+    Compiled kernels: a float32 tile of FLOAT_TILE_ROWS rows for a float type's prompt, or each
+    thread's unpacked GEMM panel of 32 rows (at most 40 bytes per value) and the quantized
+    activations of one prompt chunk, whichever is larger."""
+    if kernels.library() is None:
+        return min(n, UNPACK_ROWS) * k * 4
+    panel = 32 * k * 40 * max(1, torch.get_num_threads())
+    return max(min(n, FLOAT_TILE_ROWS) * k * 4, panel) + (1 << 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled path
+
+_supported: dict[int, bool] = {}
+_local = threading.local()
+_calls: dict[tuple[str, str], int] = {}  # (code path, type name) -> calls, for the run's figures
+
+
+def _count(path: str, ws: list[GGMLWeight]) -> None:
+    for w in ws:
+        key = (path, quant_type_name(w.qtype))
+        _calls[key] = _calls.get(key, 0) + 1
+
+
+def kernel_calls() -> dict[tuple[str, str], int]:
+    """A copy of the calls so far per (code path, weight type): paths "decode" (the integer or float
+    GEMV kernels), "gemm" (the integer GEMM on blocks, many rows), "float-tile" (float rows
+    converted to float32 tiles for torch's GEMM), "portable" (the torch path)."""
+    return dict(_calls)
+
+
+def describe_kernels(since: dict[tuple[str, str], int] | None = None) -> str:
+    """Which kernels ran (since the `kernel_calls()` snapshot `since`): e.g.
+    "avx512-vnni: decode Q4_K x660, Q6_K x88; gemm Q4_K x154"."""
+    since = since or {}
+    ran: dict[str, list[str]] = {}
+    for (path, name), n in sorted(_calls.items()):
+        if n - since.get((path, name), 0) > 0:
+            ran.setdefault(path, []).append(f"{name} x{n - since.get((path, name), 0)}")
+    body = "; ".join(f"{path} {', '.join(v)}" for path, v in ran.items()) or "no products"
+    return f"{backend()}: {body}"
+
+
+def _compiled(lib, qtype) -> bool:
+    """Whether the compiled kernels take this type."""
+    q = int(qtype)
+    ok = _supported.get(q)
+    if ok is None:
+        block, size = ctypes.c_int64(), ctypes.c_int64()
+        ok = _supported[q] = bool(lib.pl_type_info(q, ctypes.byref(block), ctypes.byref(size)))
+    return ok
+
+
+def _threads(nbytes: int) -> int:
+    if nbytes < MIN_PARALLEL_BYTES:
+        return 1
+    forced = os.environ.get("PIPELOAD_KERNEL_THREADS")
+    return int(forced) if forced else max(1, torch.get_num_threads())
+
+
+def _raise(code: int, what: str) -> None:
+    if code == kernels.PL_ENOMEM:
+        raise MemoryError(f"{what}: the kernels cannot allocate their activation scratch")
+    raise ValueError(f"{what}: the kernels refused the arguments (code {code})")
+
+
+def _check_input(x: torch.Tensor, w: GGMLWeight) -> None:
+    if not isinstance(w.blocks, torch.Tensor):
+        raise ValueError(f"linear: the weight {w.name or w.shape!r} is left on disk ({type(w.blocks).__name__}): "
+                         f"it can be looked up by rows, not multiplied")
+    if x.dim() != 2 or x.shape[1] != w.shape[1]:
+        name = f" {w.name!r}" if w.name else ""
+        raise ValueError(f"linear: input of shape {tuple(x.shape)} does not match the weight{name} of shape {w.shape}")
+
+
+def _kernel_linear(lib, x: torch.Tensor, ws: list[GGMLWeight], method: int = 0) -> list[torch.Tensor]:
+    """One pl_linear call for all of ws: the decode products (method 0) or the GEMM for block
+    types (method 1; the same bits, faster for many rows)."""
+    m, k = x.shape
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(1) != 1:
+        x = x.to(torch.float32).contiguous() if x.dtype not in (torch.float32, torch.bfloat16) else x.contiguous()
+    ys = [torch.empty(m, w.shape[0], dtype=x.dtype) for w in ws]
+    desc = (ctypes.c_int64 * (_DESC * len(ws)))()
+    nbytes = 0
+    for i, (w, y) in enumerate(zip(ws, ys)):
+        b = w.blocks
+        desc[_DESC * i:_DESC * i + _DESC] = [int(w.qtype), b.data_ptr(), b.stride(0), w.shape[0], y.data_ptr(),
+                                             w.shape[0]]
+        nbytes += b.numel()
+    bf16 = int(x.dtype == torch.bfloat16)
+    code = lib.pl_linear(desc, len(ws), x.data_ptr(), bf16, x.stride(0), m, k, bf16, _threads(nbytes * m), method)
+    if code:
+        _raise(code, "linear on " + ", ".join(repr(w.name or str(w.shape)) for w in ws))
+    return ys
+
+
+def _float_tile(numel: int) -> torch.Tensor:
+    buf = getattr(_local, "tile", None)
+    if buf is None or buf.numel() < numel:
+        buf = _local.tile = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
+def _float_prompt(lib, x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
+    """Many rows (a prompt) on a float type: FLOAT_TILE_ROWS weight rows at a time converted to
+    float32 by the kernels, multiplied by torch's GEMM (oneDNN/MKL)."""
+    n, k = w.shape
+    xf = x.to(torch.float32)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    b = w.blocks
+    for r0 in range(0, n, FLOAT_TILE_ROWS):
+        r1 = min(n, r0 + FLOAT_TILE_ROWS)
+        tile = _float_tile((r1 - r0) * k).view(r1 - r0, k)  # (rows, K)
+        code = lib.pl_dequantize(int(w.qtype), b[r0:r1].data_ptr(), b.stride(0), r1 - r0, k, tile.data_ptr(), 0, k,
+                                 _threads(b.stride(0) * (r1 - r0)))
+        if code:
+            _raise(code, f"dequantize {w.name or w.shape!r}")
+        torch.matmul(xf, tile.t(), out=y[:, r0:r1])
+    return y.to(x.dtype)
+
+
+def _is_float(w: GGMLWeight) -> bool:
+    return w.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 def linear(x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
-    """x (M, K) float32 or bfloat16 @ W^T -> (M, N) in x's dtype (no bias)."""
-    if x.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"linear: input of shape {tuple(x.shape)} does not match a weight of shape {w.shape}")
-    return _portable_linear(x, w)
+    """x (M, K) float32 or bfloat16 @ W^T -> (M, N) in x's dtype (no bias).
+
+    Raises ValueError when x does not match the weight, MemoryError when the kernels cannot
+    allocate their scratch."""
+    return linear_many(x, [w])[0]
 
 
 def linear_many(x: torch.Tensor, ws: list[GGMLWeight]) -> list[torch.Tensor]:
     """[linear(x, w) for w in ws], computed in one pass where the kernels allow (the activation
     is quantized once, one thread-pool job covers every weight's rows)."""
-    return [linear(x, w) for w in ws]
+    for w in ws:
+        _check_input(x, w)
+    lib = kernels.library()
+    if lib is None or not all(_compiled(lib, w.qtype) for w in ws):
+        _count("portable", ws)
+        return [_portable_linear(x, w) for w in ws]
+    m = x.shape[0]
+    if m > EXACT_ROWS and any(_is_float(w) for w in ws):
+        return [linear_many(x, [w])[0] if not _is_float(w) else _counted_float_prompt(lib, x, w) for w in ws]
+    if len(ws) > 16:
+        return [y for i in range(0, len(ws), 16) for y in linear_many(x, ws[i:i + 16])]
+    gemm = m >= GEMM_ROWS and bool(lib.pl_gemm_available())
+    for w in ws:
+        _count("gemm" if gemm and not _is_float(w) else "decode", [w])
+    return _kernel_linear(lib, x, ws, 1 if m >= GEMM_ROWS else 0)
+
+
+def _counted_float_prompt(lib, x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:
+    _count("float-tile", [w])
+    return _float_prompt(lib, x, w)
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

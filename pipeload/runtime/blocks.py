@@ -33,45 +33,60 @@ from ..models.common import Embedding, Linear
 from ..quant.ops import GGMLWeight
 from ..weights.decode import decode_tensor
 from ..weights.layout import TensorBytes
-from .sharding import ShardSpec, local_args, shard_tensors
+from .sharding import ShardSpec, local_args, shard_tensors, tensor_parallel_plan
 
 FLOAT_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16, "BF16": GGMLQuantizationType.BF16}
-EMBED_MODULES = ("token_embd", "position_embd")
-HEAD_MODULES = ("output_norm", "output")
 
 
 def build_block(spec, i: int, source: TensorBytes, shard: ShardSpec | None = None,
-                into: nn.Module | None = None) -> nn.Module:
+                into: nn.Module | None = None, experts=None) -> nn.Module:
     """Block i computing on `source`'s bytes (tensors named blk.i.*); with `shard`, this rank's
     part of it; with `into` (a block this function built before), that block re-pointed at the
-    new bytes. Raises ModelFileError / UnsupportedModelError for missing, unknown or misshapen
-    tensors."""
+    new bytes. A mixture-of-experts block takes its routed experts from `experts` (an
+    ExpertSource: runtime/moe_blocks.py). Raises ModelFileError / UnsupportedModelError for missing,
+    unknown or misshapen tensors, and for tensor-parallel shards of an architecture that has none."""
     prefix = f"blk.{i}."
+    where = f"{spec.path}: layer {i}"
     if shard is not None:
-        source = shard_tensors(source, shard, prefix)
+        if not getattr(spec.arch, "TENSOR_PARALLEL", True):
+            raise UnsupportedModelError(f"{spec.path}: tensor parallel is not supported for {spec.arch.__name__.rsplit('.', 1)[-1]} "
+                                        f"(mixture of experts); use pipeline parallel, which places whole layers")
+        source = shard_tensors(source, shard, prefix, tensor_parallel_plan(spec))
     block = into if into is not None else spec.arch.Block(spec.args if shard is None else local_args(spec.args, shard), i)
-    attach(block, source, prefix, spec.dtype, f"{spec.path}: layer {i}")
+    if getattr(spec.arch, "MIXTURE_OF_EXPERTS", False):
+        from .moe_blocks import attach_moe
+
+        attach_moe(block, spec, i, source, experts, where)
+    else:
+        attach(block, source, prefix, spec.dtype, where)
     return block
 
 
 def build_outer(spec, embed: TensorBytes | None = None, head: TensorBytes | None = None,
-                shard: ShardSpec | None = None, into: nn.Module | None = None) -> nn.Module:
+                shard: ShardSpec | None = None, into: nn.Module | None = None, token_rows=None) -> nn.Module:
     """The architecture's Model with its embeddings from `embed` and/or its head from `head`
     (with `shard`, this rank's vocabulary rows of the output matrix); `into` re-points a Model
-    built before. Raises as build_block does."""
+    built before; `token_rows` (weights/rows.py DiskRows) stands for a token table left in the
+    file (`embed` then holds the other embedding tensors). Raises as build_block does."""
     model = into if into is not None else spec.new_model()
     if embed is not None:
         embed = dict(embed)
         rope = embed.pop("rope_freqs.weight", None)
         if rope is not None:
             model.rope_freqs = decode_tensor(*rope, torch.float32).clone()
-        attach(model, embed, "", spec.dtype, f"{spec.path}: embeddings", only=EMBED_MODULES)
+        names = spec.embed_names
+        if token_rows is not None:
+            names = tuple(n for n in names if n != "token_embd")
+            model.token_embd.weight = GGMLWeight(GGMLQuantizationType[token_rows.ref.info.dtype],
+                                                 tuple(token_rows.ref.shape), token_rows)
+            model.token_embd.dtype = spec.dtype
+        attach(model, embed, "", spec.dtype, f"{spec.path}: embeddings", only=names)
     if head is not None:
         if shard is not None:
-            head = shard_tensors(head, shard, "")
+            head = shard_tensors(head, shard, "", tensor_parallel_plan(spec))
             if into is None:
                 model.output = Linear(spec.args.dim, shard.vocab[1] - shard.vocab[0])
-        attach(model, head, "", spec.dtype, f"{spec.path}: head", only=HEAD_MODULES)
+        attach(model, head, "", spec.dtype, f"{spec.path}: head", only=spec.head_names)
     return model
 
 

@@ -11,24 +11,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..weights.checkpoint import Checkpoint
-from ..weights.index import WeightsIndex
 from ..weights.io import IO_MODES, RangeReader
 from ..weights.layout import group_layouts
 from .blocks import build_block, build_outer
 from .executor import Executor, ResidentLayers
 from .kv_cache import KVCache
-from .spec import ModelSpec, open_model
+from .spec import ModelSpec, SpecView, open_model
 
 
 @dataclass
-class Engine:
+class Engine(SpecView):
     """A loaded model: what it is (spec), and how to run it (executor over its layer sources)."""
 
     spec: ModelSpec
@@ -39,32 +36,13 @@ class Engine:
     io_mode: str | None = None       # "direct" or "buffered" when layers stream
 
     @property
-    def checkpoint(self) -> Checkpoint:
-        return self.spec.checkpoint
-
-    @property
-    def arch(self) -> ModuleType:
-        return self.spec.arch
-
-    @property
-    def args(self) -> Any:
-        return self.spec.args
-
-    @property
-    def index(self) -> WeightsIndex:
-        return self.spec.index
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.spec.dtype
-
-    @property
-    def context_length(self) -> int:
-        return self.context or self.args.context_length
-
-    @property
     def stream_stats(self):
         return getattr(self.executor.layers, "stats", None)
+
+    @property
+    def expert_cache(self):
+        """The runtime.experts.ExpertCache when routed experts are read on demand, else None."""
+        return getattr(self.executor.layers, "experts", None)
 
     def close(self) -> None:
         self.executor.layers.close()
@@ -75,45 +53,80 @@ class Engine:
 
 
 def load_layers(spec: ModelSpec, resident: list[str], streamed: list[str], io_mode: str, prefetch_depth: int = 2,
-                read_threads: int = 2, blocks: dict[int, nn.Module] | None = None, model: nn.Module | None = None):
+                read_threads: int = 2, blocks: dict[int, nn.Module] | None = None, model: nn.Module | None = None,
+                token_rows_on_disk: bool = False, expert_slots: int = 0, expert_policy: str = "lru",
+                guess_experts: bool = True):
     """(Model with embeddings and, if "head" is resident, its head; a LayerSource) for groups
     `resident` (read now, each into a buffer of its own) and `streamed` (read ahead into the
     prefetch ring at each use). `blocks` are blocks already held (a cluster stage keeps them)
-    and `model` a Model already built; both are used as they are."""
-    layouts = group_layouts(spec.index)
+    and `model` a Model already built; both are used as they are. With token_rows_on_disk (an
+    encoder's plan under a tight budget) the token table stays in the file and the rows each
+    batch looks up are read then (weights/rows.py). With `expert_slots` (a mixture-of-experts
+    model), the groups are the layers' dense parts and every routed expert is read on demand
+    into an expert cache of that many slots (runtime/experts.py); without it, routed experts
+    stay part of their layers."""
+    layouts = group_layouts(spec.index, routed_experts=not expert_slots)
     blocks = dict(blocks or {})
-    from .streaming import read_resident
+    from .streaming import StreamStats, read_resident
 
+    cache = None
+    if expert_slots:
+        from .experts import ExpertCache, expert_geometry
+
+        cache = ExpertCache(spec, expert_geometry(spec), expert_slots, expert_policy, io_mode,
+                            stream_stats=StreamStats(), guess=guess_experts)
     with RangeReader() as reader:
+        token_rows = None
+        if token_rows_on_disk:
+            from ..weights.index import LayerGroup
+            from ..weights.layout import group_layout
+            from ..weights.rows import DiskRows
+
+            group = spec.index.groups["embed"]
+            table = next(r for r in group.tensors if r.name == "token_embd.weight")
+            token_rows = DiskRows(table)
+            layouts["embed"] = group_layout(LayerGroup("embed", [r for r in group.tensors if r is not table]))
         # the embed group's bytes: the Model's embeddings, and a tied output matrix's for a streamed head
         embed = read_resident(layouts["embed"], reader, io_mode) if model is None or "head" in streamed else {}
         if model is None:
             head = read_resident(layouts["head"], reader, io_mode, embed) if "head" in resident else None
-            model = build_outer(spec, embed=embed, head=head)
+            model = build_outer(spec, embed=embed, head=head, token_rows=token_rows)
         for group in resident:
             if group.startswith("blk.") and int(group[4:]) not in blocks:
                 i = int(group[4:])
-                blocks[i] = build_block(spec, i, read_resident(layouts[group], reader, io_mode))
+                blocks[i] = build_block(spec, i, read_resident(layouts[group], reader, io_mode), experts=cache)
+        if cache is not None and guess_experts:
+            from .experts import router_guides
+
+            cache.guides = router_guides(spec, blocks, reader, io_mode)
     if not streamed:
-        return model, ResidentLayers(model, blocks)
+        return model, ResidentLayers(model, blocks, experts=cache)
     from .streaming import StreamedLayers
 
     kept = {f"blk.{i}": b for i, b in blocks.items()}
     if "head" not in streamed:
         kept["head"] = model
-    return model, StreamedLayers(spec, layouts, model, kept, streamed, embed, prefetch_depth, io_mode, read_threads)
+    return model, StreamedLayers(spec, layouts, model, kept, streamed, embed, prefetch_depth, io_mode, read_threads,
+                                 experts=cache)
 
 
 def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memory_limit: int | None = None,
-                context: int | None = None, batch: int = 1, prefetch_depth: int = 2, parallel_loading: bool = True,
-                io_mode: str = "auto") -> Engine:
+                context: int | None = None, batch: int | None = None, prefetch_depth: int = 2,
+                parallel_loading: bool = True, io_mode: str = "auto", expert_policy: str = "lru",
+                guess_experts: bool = True) -> Engine:
     """Open a GGUF file or HF folder and make it runnable; raises PipeloadError subclasses.
 
     dtype None picks float32 for all-F32 files, else bfloat16; weights are computed on as the
     file stores them. With memory_limit (bytes), the planner decides which layer groups stay
-    resident and which stream from the file through a prefetch ring."""
+    resident and which stream from the file through a prefetch ring; for a mixture of experts
+    that does not fit, routed experts are read on demand into an expert cache evicting by
+    `expert_policy` ("lru" or "lfu"), the next layer's experts guessed ahead if `guess_experts`."""
+    if expert_policy not in ("lru", "lfu"):
+        raise ValueError(f"expert_policy must be 'lru' or 'lfu', got {expert_policy!r}")
     spec = open_model(path, dtype)
     args = spec.args
+    if batch is None:  # an encoder's pass serves many inputs; a decoder's KV cache is sized for one
+        batch = 32 if spec.is_encoder else 1
     context = min(context or args.context_length, args.context_length)
     order = [f"blk.{i}" for i in range(args.n_layers)] + ["head"]
     plan, resident, streamed = None, order, []
@@ -126,10 +139,13 @@ def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memor
         plan = make_plan(spec, memory_limit, current_rss(), context, batch, prefetch_depth)
         resident, streamed = plan.resident, plan.streamed
     io_mode = _io_mode(io_mode, spec, plan)
-    model, layers = load_layers(spec, resident, streamed, io_mode, prefetch_depth, 2 if parallel_loading else 1)
+    model, layers = load_layers(spec, resident, streamed, io_mode, prefetch_depth, 2 if parallel_loading else 1,
+                                token_rows_on_disk=plan is not None and plan.token_rows_on_disk,
+                                expert_slots=plan.expert_slots if plan is not None else 0, expert_policy=expert_policy,
+                                guess_experts=guess_experts)
     executor = Executor(model, layers, args.n_layers, args.sliding_window)
     return Engine(spec=spec, model=model, executor=executor, context=context, plan=plan,
-                  io_mode=io_mode if streamed else None)
+                  io_mode=io_mode if streamed or (plan is not None and plan.expert_slots) else None)
 
 
 def _io_mode(io_mode: str, spec: ModelSpec, plan) -> str:
@@ -139,13 +155,13 @@ def _io_mode(io_mode: str, spec: ModelSpec, plan) -> str:
         if io_mode not in IO_MODES:
             raise ValueError(f"io_mode must be 'auto', 'direct' or 'buffered', got {io_mode!r}")
         return io_mode
-    if plan is None or not plan.streamed:
+    if plan is None or not (plan.streamed or plan.expert_slots):
         return "buffered"
     from ..weights.io import probe_read_bandwidth
 
     first = spec.index.block(0).tensors[0].info.path
     # the probe's buffer is at most the ring, which the plan has counted and which is not allocated yet
-    speeds = probe_read_bandwidth(first, nbytes=min(256 << 20, plan.ring_bytes))
+    speeds = probe_read_bandwidth(first, nbytes=min(256 << 20, plan.ring_bytes + plan.expert_cache_bytes))
     chosen = max(speeds, key=speeds.get)
     plan.notes.append("read bandwidth probed: " + ", ".join(f"{m} {v / 1e9:.2f} GB/s" for m, v in speeds.items())
                       + f" -> {chosen}")

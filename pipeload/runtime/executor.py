@@ -26,6 +26,7 @@ from ..models.common import RowSpan
 from .kv_cache import KVCache
 
 PREFILL_CHUNK = 512  # tokens per chunk when a long prompt goes through a layer
+ENCODE_CHUNK = 2048  # padded tokens per chunk when an encoder pass goes through a layer
 
 
 class LayerSource(Protocol):
@@ -41,10 +42,13 @@ class LayerSource(Protocol):
 
 
 class ResidentLayers:
-    """All blocks in memory."""
+    """All blocks in memory (a mixture of experts' routed experts may still be read on demand:
+    `experts`, runtime/experts.py, whose reads `stats` counts)."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module]):
-        self.model, self.blocks = model, blocks
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], experts=None):
+        self.model, self.blocks, self.experts = model, blocks, experts
+        if experts is not None:
+            self.stats = experts.stream_stats
 
     def acquire(self, i: int) -> nn.Module:
         return self.blocks[i]
@@ -59,7 +63,8 @@ class ResidentLayers:
         pass
 
     def close(self) -> None:
-        pass
+        if self.experts is not None:
+            self.experts.close()
 
 
 def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
@@ -160,6 +165,30 @@ class Executor:
                 self.layer_seconds[i] += time.perf_counter() - t0
             self.layers.release(i)
         return h
+
+    @torch.inference_mode()
+    def encode(self, hidden: list[torch.Tensor], steps: list, head=None) -> list:
+        """An encoder pass: the final hidden states of every chunk (each (B_c, T_c, D), entering
+        layer 0, with its StepInputs carrying its padding mask). Every chunk goes through layer i
+        before layer i + 1 is asked for, so one pass over the weights serves all of them; there
+        is no KV cache and no causal order. head(model, h), if given, is applied to each chunk's
+        final state with the head group acquired (ViT: final norm and classifier)."""
+        hidden = list(hidden)
+        for i in range(self.n_layers):
+            block = self.layers.acquire(i)
+            t0 = time.perf_counter() if self.profile else 0.0
+            for c, step in enumerate(steps):
+                hidden[c] = block(hidden[c], step, None)  # the chunk's input is freed as its output lands
+            if self.profile:
+                self.layer_seconds[i] += time.perf_counter() - t0
+            self.layers.release(i)
+        if head is None:
+            return hidden
+        module = self.layers.acquire_head()
+        try:
+            return [head(module, h) for h in hidden]
+        finally:
+            self.layers.release_head()
 
     @torch.inference_mode()
     def head(self, h: torch.Tensor, logit_index: torch.Tensor | None = None) -> torch.Tensor:

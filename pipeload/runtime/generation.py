@@ -2,7 +2,8 @@
 
 `TokenGenerator` runs the prompt through the model in one pass (all prompts of a batch together,
 right-padded), keeps the KV cache, and yields the sampled tokens step by step. `stream_generate`
-turns those into text deltas with stop strings and finish reasons and running figures;
+turns those into text deltas (runtime/textstream.py: stop strings, hold-back) with finish
+reasons and running figures;
 `PipelineModel.generate` joins a stream into strings. The CLI, the server and the benchmarks consume the
 stream; none of them re-implements it.
 """
@@ -19,6 +20,7 @@ from ..errors import ContextLengthError, NoTokenizerError
 from .engine import Engine
 from .memory import peak_rss
 from .sampling import Sampler, SamplingParams
+from .textstream import TextStream
 
 
 @dataclass
@@ -152,17 +154,6 @@ class GenerationResponse:
     peak_memory: int = 0           # peak RSS of the process, bytes
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that could start a stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
-
-
 def stream_generate(engine: Engine, tokenizer, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
                     max_tokens: int = 256, stop: Sequence[str] = (), stats: GenerationStats | None = None,
                     ignore_eos: bool = False) -> Iterator[GenerationResponse]:
@@ -176,9 +167,7 @@ def stream_generate(engine: Engine, tokenizer, prompts: Sequence[str | Sequence[
     stop_ids = set() if ignore_eos or tokenizer is None else set(tokenizer.eos_token_ids)
     gen = TokenGenerator(engine, ids, params, max_tokens, stop_ids, stats)
     B = len(ids)
-    detok = [tokenizer.detokenizer() if tokenizer is not None else None for _ in range(B)]
-    text = [""] * B   # decoded text so far
-    sent = [0] * B    # characters already streamed
+    texts = [TextStream(tokenizer, stop) for _ in range(B)]
     out_ids: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
 
@@ -191,20 +180,9 @@ def stream_generate(engine: Engine, tokenizer, prompts: Sequence[str | Sequence[
             is_eos = reason == "stop" and tok in stop_ids
             if not is_eos:
                 out_ids[s].append(tok)
-                if detok[s] is not None:
-                    text[s] += detok[s].add(tok)
-            if reason is not None and detok[s] is not None:
-                text[s] += detok[s].finish()
-            end = len(text[s])
-            if stop:
-                hit = min((i for i in (text[s].find(x, max(0, sent[s] - len(x))) for x in stop) if i >= 0), default=-1)
-                if hit >= 0:
-                    end, reason = hit, "stop"
-                    gen.finish(s, "stop")
-                elif reason is None:
-                    end -= _held_back(text[s], stop)
-            delta = text[s][sent[s]:end]
-            sent[s] = max(sent[s], end)
+            delta, reason = texts[s].add(tok, reason, ends_generation=is_eos)
+            if reason == "stop" and s not in gen.finish_reasons:
+                gen.finish(s, "stop")  # a stop string
             if reason is not None:
                 done[s] = True
             yield GenerationResponse(text=delta, token=tok, sequence=s, finish_reason=reason, token_ids=list(out_ids[s]),

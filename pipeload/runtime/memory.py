@@ -26,16 +26,6 @@ def current_rss() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, writing 5 to clear_refs); True if it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def parse_size(value: str | int | float | None) -> int | None:
     """Bytes from "2GB", "1536MiB", "512 mb", 2_000_000_000 or None; raises ValueError on nonsense."""
     if value is None:

@@ -22,8 +22,10 @@ from gguf import GGMLQuantizationType
 
 from ..errors import MemoryBudgetError
 from ..quant import ops
-from ..weights.layout import group_layouts
-from .executor import PREFILL_CHUNK
+from ..weights.index import LayerGroup
+from ..weights.layout import group_layout, group_layouts
+from .executor import ENCODE_CHUNK, PREFILL_CHUNK
+from .sharding import shard_bytes, tensor_parallel_plan
 from .kv_cache import KVCache
 from .memory import format_bytes
 
@@ -49,6 +51,17 @@ class Plan:
     batch: int
     materialized: dict[str, int] = field(default_factory=dict)  # group -> matrices held as new memory
     notes: list[str] = field(default_factory=list)
+    load_buffer_bytes: int = 0              # a whole layer read at load to cut a shard from (tensor parallel)
+    encoder: bool = False                   # activations of encoder passes (batch inputs of context tokens)
+    token_rows_on_disk: bool = False        # the token table stays in the file; looked-up rows are read
+    # mixture of experts (runtime/moe_plan.py): routed experts read on demand into a cache of slots
+    expert_slots: int = 0                   # 0: routed experts are part of their layer groups
+    expert_slot_bytes: int = 0              # one slot (an expert's aligned reads, plus float32 copies if any)
+    expert_total: int = 0                   # routed experts in the model (layers x experts)
+    routed_bytes_per_token: int = 0         # file bytes of the top-k experts of every layer, one token
+    routed_bytes_per_pass: int = 0          # the same for the batch: the expected union of its rows' experts
+    resident_expert_bytes: int = 0          # bytes of routed experts inside resident layer groups
+    guide_bytes: int = 0                    # routers (and norms) of streamed layers, held for guessing ahead
 
     @property
     def ring_bytes(self) -> int:
@@ -69,34 +82,73 @@ class Plan:
 
     @property
     def streamed_bytes(self) -> int:
-        """Bytes read from disk per pass over the weights."""
+        """Bytes read from disk per pass over the weights (layer groups; expert reads apart)."""
         return sum(self.group_bytes[g] for g in self.streamed)
+
+    @property
+    def expert_cache_bytes(self) -> int:
+        return self.expert_slots * self.expert_slot_bytes
+
+    @property
+    def expected_expert_read_bytes(self) -> int:
+        """Expert bytes read per pass if routing were uniformly random (the worst case for a
+        cache: no locality), the cache holding expert_slots of expert_total experts."""
+        if not self.expert_slots:
+            return 0
+        return int(self.routed_bytes_per_pass * (1 - min(1.0, self.expert_slots / self.expert_total)))
+
+    @property
+    def read_bytes_per_pass(self) -> int:
+        """Everything read from disk per pass: streamed groups plus expected expert reads."""
+        return self.streamed_bytes + self.expected_expert_read_bytes
+
+    @property
+    def touched_bytes_per_pass(self) -> int:
+        """Resident bytes one pass reads from memory: of resident routed experts only the ones routed."""
+        if not self.routed_bytes_per_pass:
+            return self.resident_weight_bytes
+        cached = self.routed_bytes_per_pass if self.expert_slots else min(self.routed_bytes_per_pass,
+                                                                            self.resident_expert_bytes)
+        return self.resident_weight_bytes - self.resident_expert_bytes + cached
 
     @property
     def predicted_peak(self) -> int:
         return (self.runtime_bytes + self.resident_weight_bytes + self.ring_bytes + self.transient_bytes
+                + self.load_buffer_bytes + self.expert_cache_bytes + self.guide_bytes
                 + self.kv_cache_bytes + self.activation_bytes + self.scratch_bytes + self.margin_bytes)
 
     def seconds_per_pass(self, disk_bw: float, mem_bw: float, flops: float, peak_flops: float) -> dict[str, float]:
-        """The three floors of one pass over the weights (DESIGN.md): disk, memory, compute."""
-        return {"disk": self.streamed_bytes / disk_bw if self.streamed else 0.0,
-                "memory": self.resident_weight_bytes / mem_bw, "compute": flops / peak_flops}
+        """The three floors of one pass over the weights (docs/DESIGN.md, "The physical limits"):
+        disk, memory, compute. For a mixture of experts the disk floor is the bytes of routed
+        experts a pass reads, not the layers' size."""
+        return {"disk": self.read_bytes_per_pass / disk_bw if self.read_bytes_per_pass else 0.0,
+                "memory": self.touched_bytes_per_pass / mem_bw, "compute": flops / peak_flops}
 
     def rows(self) -> list[tuple[str, int]]:
         """(what, bytes) for every item of the predicted peak; they sum to predicted_peak."""
         rows = [
             ("runtime (Python, torch, libraries; measured)", self.runtime_bytes),
-            ("embeddings (resident, as stored)", self.embed_bytes),
+            ("embeddings (resident, as stored; token rows read from the file)" if self.token_rows_on_disk
+             else "embeddings (resident, as stored)", self.embed_bytes),
             (f"resident layer groups ({len(self.resident)}, file bytes)", self.resident_layer_bytes),
             (f"prefetch ring ({self.prefetch_depth + 1} x {format_bytes(self.slot_bytes)})" if self.streamed
              else "prefetch ring (nothing streams)", self.ring_bytes),
             (f"KV cache ({self.batch} x {self.context} positions)", self.kv_cache_bytes),
-            (f"activations (prompt chunks of {PREFILL_CHUNK} tokens)", self.activation_bytes),
+            (f"activations (passes of {self.batch} inputs x {self.context} tokens, chunks of {ENCODE_CHUNK})"
+             if self.encoder else f"activations (prompt chunks of {PREFILL_CHUNK} tokens)", self.activation_bytes),
             ("scratch (weight rows decoded by one product)", self.scratch_bytes),
             ("margin (allocator, stacks, objects)", self.margin_bytes),
         ]
         if self.transient_bytes:
             rows.insert(4, ("materialized matrices of the streamed layer computing", self.transient_bytes))
+        if self.load_buffer_bytes:
+            rows.insert(4, ("load buffer (a whole layer, read to cut this rank's shard)", self.load_buffer_bytes))
+        if self.expert_slots:
+            share = 100 * self.expert_slots / self.expert_total
+            rows.insert(4, (f"expert cache ({self.expert_slots} x {format_bytes(self.expert_slot_bytes)}: "
+                            f"{share:.0f}% of the {self.expert_total} routed experts)", self.expert_cache_bytes))
+            if self.guide_bytes:
+                rows.insert(5, ("routers of streamed layers (guessing the next layer's experts)", self.guide_bytes))
         return rows
 
     def table(self) -> str:
@@ -110,6 +162,15 @@ class Plan:
         lines.append(f"  streamed per pass: {len(self.streamed)} groups, {format_bytes(self.streamed_bytes)}")
         if self.streamed:
             lines.append(f"  streamed groups: {compact(self.streamed)}")
+        if self.routed_bytes_per_token:
+            lines.append(f"  routed experts: {format_bytes(self.routed_bytes_per_token)} per token, "
+                         f"{format_bytes(self.routed_bytes_per_pass)} per pass at batch {self.batch} (the experts' "
+                         f"share of a pass, not the layers' size)")
+        if self.expert_slots:
+            share = 100 * self.expert_cache_bytes / self.budget if self.budget else 0.0
+            lines.append(f"  expert cache: {format_bytes(self.expert_cache_bytes)}, {share:.0f}% of the budget; "
+                         f"expected expert reads {format_bytes(self.expected_expert_read_bytes)} per pass if routing "
+                         f"were uniformly random (the worst case for a cache: skewed routing reads less)")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -152,17 +213,23 @@ def _materialized(ref, dtype: torch.dtype) -> int:
     return math.prod(ref.shape) * size
 
 
-def group_sizes(spec) -> tuple[int, dict[str, int], tuple[int, int], dict[str, int]]:
-    """(embedding bytes, {group: bytes read, the file's aligned span}, shape (N, K) of the largest
-    matrix, {group: bytes of matrices materialized}) of a ModelSpec in its compute dtype."""
+def group_sizes(spec, shard=None) -> tuple[int, dict[str, int], tuple[int, int], dict[str, int]]:
+    """(embedding bytes, {group: bytes held: the file's aligned span, or a tensor-parallel rank's
+    part of it}, shape (N, K) of the largest matrix computed on, {group: bytes of matrices
+    materialized}) of a ModelSpec in its compute dtype."""
     layouts = group_layouts(spec.index)
     spans = {name: layout.nbytes for name, layout in layouts.items() if name != "embed"}
     materialized, largest = {}, (0, 0)
+    plan = tensor_parallel_plan(spec) if shard is not None else {}
     for name, group in spec.index.groups.items():
         if name == "embed":
             continue
+        prefix = f"{name}." if name.startswith("blk.") else ""
+        share = {r.name: (shard_bytes(r, shard, plan, prefix) / r.info.nbytes if shard else 1.0) for r in group.tensors}
+        if shard is not None:
+            spans[name] = int(sum(r.info.nbytes * share[r.name] for r in group.tensors if r not in layouts[name].shared))
         matrices = [r for r in group.tensors if len(r.shape) == 2 and r.name.endswith(".weight")]
-        materialized[name] = sum(_materialized(r, spec.dtype) for r in matrices)
+        materialized[name] = int(sum(_materialized(r, spec.dtype) * share[r.name] for r in matrices))
         largest = max([largest, *(tuple(r.shape) for r in matrices)], key=math.prod)
     return layouts["embed"].nbytes, spans, largest, materialized
 
@@ -177,6 +244,28 @@ def activation_bytes(args, batch: int, context: int, dtype_size: int) -> int:
     return per_layer + attn + 2 * batch * args.vocab_size * 4
 
 
+def token_table_on_disk_bytes(spec) -> int | None:
+    """The embed group's bytes without its token table, when an encoder may read the table's rows
+    from the file instead of holding it (weights/rows.py); None when it may not (a decoder, or a
+    table whose bytes another group uses, such as a tied output)."""
+    group = spec.index.groups["embed"]
+    table = [r for r in group.tensors if r.name == "token_embd.weight"]
+    if not spec.is_encoder or len(table) != 1 or table[0].transform is not None or len(table[0].shape) != 2:
+        return None
+    others = LayerGroup("embed", [r for r in group.tensors if r.name != "token_embd.weight"])
+    return group_layout(others).nbytes if others.tensors else 0
+
+
+def encoder_activation_bytes(args, batch: int, context: int, dtype_size: int) -> int:
+    """Peak activations of an encoder pass: the hidden states of `batch` inputs of `context`
+    tokens held between layers, one chunk of up to ENCODE_CHUNK tokens computing through a block
+    (q/k/v, attention scores, feed-forward), and the chunk's embedding rows decoded."""
+    held = batch * context * args.dim * dtype_size
+    t = min(batch * context, ENCODE_CHUNK)
+    per_chunk = t * (8 * args.dim + 2 * args.ffn_dim) * dtype_size + t * args.n_heads * context * 4
+    return held + per_chunk + t * args.dim * 4
+
+
 def spread(n_total: int, n_pick: int) -> list[int]:
     """n_pick indices out of range(n_total), evenly spaced."""
     if n_pick <= 0:
@@ -184,43 +273,107 @@ def spread(n_total: int, n_pick: int) -> list[int]:
     return sorted({min(n_total - 1, int((j + 0.5) * n_total / n_pick)) for j in range(n_pick)})
 
 
-def make_plan(spec, budget: int | None, runtime_bytes: int, context: int, batch: int, prefetch_depth: int) -> Plan:
-    """Decide residency of a ModelSpec's groups under `budget`; raises MemoryBudgetError if the
-    budget cannot hold the minimum."""
-    if prefetch_depth < 1:
-        raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
-    args, dtype = spec.args, spec.dtype
-    size = torch.empty(0, dtype=dtype).element_size()
-    embed, spans, largest, materialized = group_sizes(spec)
-    kv = KVCache.bytes_needed(args.n_layers, batch, args.n_kv_heads, args.head_dim, context, dtype)
-    act = activation_bytes(args, batch, context, size)
-    scratch = ops.scratch_bytes(*largest)
-    weights = embed + sum(spans.values()) + sum(materialized.values())
-    fixed = runtime_bytes + embed + kv + act + scratch
-    margin = max(MIN_MARGIN, int(MARGIN_FRACTION * (fixed + weights)))
-    order = [f"blk.{i}" for i in range(args.n_layers)] + ["head"]
+def make_plan(spec, budget: int | None, runtime_bytes: int, context: int, batch: int, prefetch_depth: int,
+              layers: range | None = None, head: bool = True, shard=None) -> Plan:
+    """Decide residency of a ModelSpec's groups under `budget`: every layer and the head, or a
+    cluster stage's `layers` (and the head if it has it), or with `shard` (runtime/sharding.py) a
+    tensor-parallel rank's part of them, which is held whole (shards do not stream). The
+    embeddings are always resident. A whole mixture-of-experts model that does not fit reads its
+    routed experts on demand (runtime/moe_plan.py); a cluster stage of one places whole layers.
+    Raises MemoryBudgetError if the budget cannot hold the minimum, naming the smallest budget
+    that would."""
+    everything, candidates = _candidates(spec, budget, runtime_bytes, context, batch, prefetch_depth,
+                                         layers, head, shard)
+    from .moe_plan import describe_resident_experts, is_moe, make_moe_plan
 
-    def plan(resident: list[str]) -> Plan:
-        streamed = [g for g in order if g not in resident]
-        slot = max((spans[g] for g in streamed), default=0)
-        return Plan(budget, runtime_bytes, embed, spans, [g for g in order if g in resident], streamed,
-                    prefetch_depth, slot, kv, act, scratch, margin, context, batch, materialized)
-
-    everything = plan(order)
+    whole_moe = is_moe(spec) and layers is None and shard is None
+    if whole_moe:
+        describe_resident_experts(spec, everything)
     if budget is None or everything.predicted_peak <= budget:
         return everything
-    # candidates: k blocks resident, spread evenly, with the head resident or streamed (a head larger
-    # than a block also sets the size of every ring buffer, so keeping it can pay twice)
-    blocks = order[:-1]
-    candidates = [plan([blocks[i] for i in spread(len(blocks), k)] + head)
-                  for k in range(len(blocks) + 1) for head in ([], ["head"])]
+    if whole_moe:  # routed experts are read expert by expert into a cache, not with their layers
+        return make_moe_plan(spec, budget, everything)
+    if shard is not None:
+        raise MemoryBudgetError(
+            f"a budget of {format_bytes(budget)} cannot hold this rank's tensor-parallel shard "
+            f"({format_bytes(everything.predicted_peak)}: runtime {format_bytes(runtime_bytes)}, shard "
+            f"{format_bytes(everything.resident_weight_bytes)}, KV cache {format_bytes(everything.kv_cache_bytes)}); "
+            f"shards are held whole: give at least {format_bytes(everything.predicted_peak)}, use more ranks, "
+            f"or pipeline parallel")
     fitting = [c for c in candidates if c.predicted_peak <= budget]
     if not fitting:
         minimum = min(candidates, key=lambda c: c.predicted_peak)
         raise MemoryBudgetError(
             f"a budget of {format_bytes(budget)} cannot hold the smallest plan for this model "
             f"({format_bytes(minimum.predicted_peak)}: runtime {format_bytes(runtime_bytes)}, embeddings "
-            f"{format_bytes(embed)}, KV cache {format_bytes(kv)} for {batch} x {context} positions, prefetch ring "
-            f"{format_bytes(minimum.ring_bytes)}, activations {format_bytes(act)}); give at least "
-            f"{format_bytes(minimum.predicted_peak)}, or lower the context (ctx) or the batch size")
+            f"{format_bytes(minimum.embed_bytes)}, KV cache {format_bytes(minimum.kv_cache_bytes)} for {batch} x "
+            f"{context} positions, prefetch ring {format_bytes(minimum.ring_bytes)}, activations "
+            f"{format_bytes(minimum.activation_bytes)}); give at least {format_bytes(minimum.predicted_peak)}, "
+            f"or lower the context (ctx) or the batch size")
     return min(fitting, key=lambda c: (c.streamed_bytes, c.predicted_peak))
+
+
+def smallest_plan(spec, runtime_bytes: int, context: int, batch: int, prefetch_depth: int) -> Plan:
+    """The plan with the smallest predicted peak (every layer group streamed, as little held as
+    the architecture allows): the least memory_limit this model runs under."""
+    everything, candidates = _candidates(spec, None, runtime_bytes, context, batch, prefetch_depth)
+    return min([everything, *candidates], key=lambda c: c.predicted_peak)
+
+
+def _candidates(spec, budget: int | None, runtime_bytes: int, context: int, batch: int, prefetch_depth: int,
+                layers: range | None = None, head: bool = True, shard=None) -> tuple[Plan, list[Plan]]:
+    """(the all-resident plan, every other plan make_plan chooses from), over `layers` (all by
+    default) and the head if `head`, or a tensor-parallel rank's `shard` of them."""
+    if prefetch_depth < 1:
+        raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
+    args, dtype = spec.args, spec.dtype
+    layers = range(args.n_layers) if layers is None else layers
+    size = torch.empty(0, dtype=dtype).element_size()
+    embed, spans, largest, materialized = group_sizes(spec, shard)
+    if spec.is_encoder:  # no KV cache; hidden states of a pass instead of logits
+        kv, act = 0, encoder_activation_bytes(args, batch, context, size)
+    else:
+        n_kv = args.n_kv_heads if shard is None else shard.kv[1] - shard.kv[0]
+        kv = KVCache.bytes_needed(len(layers), batch, n_kv, args.head_dim, context, dtype)
+        act = activation_bytes(args, batch, context, size)
+    scratch = ops.scratch_bytes(*largest)
+    order = [f"blk.{i}" for i in layers] + (["head"] if head else [])
+    spans = {g: spans[g] for g in order}
+    materialized = {g: materialized[g] for g in order}
+    load_buffer = 0 if shard is None else max(
+        (layout.nbytes for g, layout in group_layouts(spec.index).items() if g in order), default=0)
+    weights = embed + sum(spans.values()) + sum(materialized.values())
+    fixed = runtime_bytes + embed + kv + act + scratch
+    margin = max(MIN_MARGIN, int(MARGIN_FRACTION * (fixed + weights)))
+
+    table_on_disk = token_table_on_disk_bytes(spec)
+
+    def plan(resident: list[str], rows_on_disk: bool = False) -> Plan:
+        resident = resident + [g for g in order if spans[g] == 0 and g not in resident]  # nothing to stream
+        streamed = [g for g in order if g not in resident]
+        slot = max((spans[g] for g in streamed), default=0)
+        return Plan(budget, runtime_bytes, table_on_disk if rows_on_disk else embed, spans,
+                    [g for g in order if g in resident], streamed, prefetch_depth, slot, kv, act, scratch, margin,
+                    context, batch, materialized, load_buffer_bytes=load_buffer, encoder=spec.is_encoder,
+                    token_rows_on_disk=rows_on_disk)
+
+    everything = plan(order)
+    # candidates: k blocks resident, spread evenly, with the head resident or streamed (a head larger
+    # than a block also sets the size of every ring buffer, so keeping it can pay twice); an encoder
+    # may also leave its token table in the file and read the rows each batch looks up
+    blocks = [g for g in order if g != "head"]
+    candidates = [plan([blocks[i] for i in spread(len(blocks), k)] + h, rows)
+                  for k in range(len(blocks) + 1) for h in (([], ["head"]) if head else ([],))
+                  for rows in ([False, True] if table_on_disk is not None else [False])]
+    return everything, candidates
+
+
+def budget_for_weights(spec, fraction: float, runtime_bytes: int, context: int, batch: int,
+                       prefetch_depth: int = 2) -> int:
+    """The memory_limit that leaves `fraction` of the weights' bytes for weights (resident
+    groups, the prefetch ring, the embeddings held) on top of everything else the plan counts
+    (runtime, activations, KV cache, scratch, margin): how `pipeload bench encoders` states
+    "a budget of 25% of the weights" on a machine whose Python and torch alone are larger."""
+    everything = make_plan(spec, None, runtime_bytes, context, batch, prefetch_depth)
+    weights = everything.resident_weight_bytes
+    return everything.predicted_peak - weights + int(fraction * weights)

@@ -1,7 +1,7 @@
 """Measuring this machine: memory bandwidth, matmul throughput, disk read bandwidth, free memory.
 
 Physical limits are measured at run time, never assumed: every speed pipeload reports is printed
-beside the bound these numbers give (DESIGN.md, "The physical limits").
+beside the bound these numbers give (docs/DESIGN.md, "The physical limits").
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ from ..errors import ContextLengthError, NoTokenizerError
 from ..models.common import RowSpan
 from ..quant import ops
 from .engine import Engine
-from .generation import _held_back
 from .sampling import Sampler, SamplingParams
+from .textstream import TextStream
 
 
 @dataclass
@@ -77,9 +77,7 @@ class _Sequence:
         self.sampler = Sampler(req.params, 1)
         self.history = list(req.prompt)  # prompt + generated tokens
         self.generated = 0
-        self.detok = tokenizer.detokenizer() if tokenizer is not None else None
-        self.text, self.sent = "", 0
-        self.stop = [s for s in req.stop if s]
+        self.text = TextStream(tokenizer, req.stop)
 
     @property
     def written(self) -> int:
@@ -254,26 +252,10 @@ class Scheduler:
         return events
 
     def _text_event(self, seq: _Sequence, tok: int) -> Event:
-        """The text delta and finish reason after `tok`, with stream_generate's rules."""
-        reason = None
-        if tok in seq.req.stop_token_ids:
-            reason = "stop"
-        elif seq.generated >= seq.budget:
-            reason = "length"
-        if reason != "stop" and seq.detok is not None:
-            seq.text += seq.detok.add(tok)
-        if reason is not None and seq.detok is not None:
-            seq.text += seq.detok.finish()
-        end = len(seq.text)
-        if seq.stop:
-            found = (seq.text.find(x, max(0, seq.sent - len(x))) for x in seq.stop)
-            hit = min((i for i in found if i >= 0), default=-1)
-            if hit >= 0:
-                end, reason = hit, "stop"
-            elif reason is None:
-                end -= _held_back(seq.text, seq.stop)
-        delta = seq.text[seq.sent:end]
-        seq.sent = max(seq.sent, end)
+        """The text delta and finish reason after `tok` (runtime/textstream.py, as stream_generate)."""
+        ends = tok in seq.req.stop_token_ids
+        reason = "stop" if ends else "length" if seq.generated >= seq.budget else None
+        delta, reason = seq.text.add(tok, reason, ends_generation=ends)
         return Event(request_id=seq.req.id, text=delta, token=tok, finish_reason=reason,
                      prompt_tokens=len(seq.req.prompt), completion_tokens=seq.generated)
 

@@ -1,10 +1,13 @@
 """One tensor-parallel rank's part of a layer, cut from the file's bytes (no requantization).
 
 A `ShardSpec` says which query heads (and the key/value heads they need), feed-forward columns
-and vocabulary rows a rank holds. Row splits (q/k/v, gate/up, output) take whole stored rows: a
-view of the bytes. Column splits (attn_output, ffn_down) take whole GGML blocks of every row:
-the rank's columns copied out, the same blocks, scales and integers as the whole matrix. Their
-partial outputs are summed across ranks (cluster/shard.py), the bias added once (rank 0).
+and vocabulary rows a rank holds. Each architecture declares how its matrices split
+(`TENSOR_PARALLEL` in models/*.py: {module: ("rows" | "columns", "heads" | "kv" | "ffn" |
+"vocab"[, parts])}; other tensors are replicated). Row splits take whole stored rows (of each of
+`parts` stacked sub-matrices, such as GPT-2's q/k/v), column splits whole GGML blocks of every
+row: the same blocks, scales and integers as the whole matrix, copied out so that the rest of the
+layer's read buffer can go. Column-split outputs are partial sums, added across ranks
+(cluster/shard.py), their bias once (rank 0).
 """
 
 from __future__ import annotations
@@ -18,10 +21,6 @@ from ..errors import UnsupportedModelError
 from ..weights.index import TensorRef
 from ..weights.layout import TensorBytes
 from ..weights.tensor_info import TensorInfo
-
-ROW_SPLIT = {"attn_q": "heads", "attn_k": "kv", "attn_v": "kv", "ffn_gate": "ffn", "ffn_up": "ffn", "output": "vocab"}
-COL_SPLIT = {"attn_output": "heads", "ffn_down": "ffn"}
-
 
 @dataclass(frozen=True)
 class ShardSpec:
@@ -51,6 +50,25 @@ class ShardSpec:
                    d["head_dim"])
 
 
+def tensor_parallel_plan(spec) -> dict:
+    """The architecture's TENSOR_PARALLEL declaration; raises UnsupportedModelError (naming the
+    architecture and the way out) when it declares none, or when the checkpoint stores a split
+    matrix transposed."""
+    plan = getattr(spec.arch, "TENSOR_PARALLEL", None)
+    name = spec.arch.__name__.rsplit(".", 1)[-1]
+    if not plan:
+        raise UnsupportedModelError(f"the {name} architecture does not declare how it splits over tensor-parallel "
+                                    f"ranks (TENSOR_PARALLEL in pipeload/models/{name}.py); use pipeline parallel")
+    for group in spec.index.groups.values():
+        for ref in group.tensors:
+            module = ref.name.split(".")[-2] if ref.name.count(".") >= 1 else ""
+            if module in plan and ref.transform is not None:
+                raise UnsupportedModelError(f"{spec.path}: tensor parallel needs {ref.name} untransposed (this checkpoint "
+                                            f"stores it transposed): convert it to GGUF first (pipeload convert), "
+                                            f"or use pipeline parallel")
+    return plan
+
+
 def block_elems(dtype: str) -> int:
     """Values per storage block of a tensor type (1 for plain floats)."""
     if dtype in GGMLQuantizationType.__members__:
@@ -69,9 +87,12 @@ def _sliced(ref: TensorRef, shape: tuple[int, ...], nbytes: int) -> TensorRef:
     return TensorRef(ref.name, TensorInfo(info.name, info.path, info.offset, nbytes, shape, info.dtype), None)
 
 
-def _rows(ref: TensorRef, raw: torch.Tensor, a: int, b: int) -> tuple[TensorRef, torch.Tensor]:
-    rows = raw.view(ref.shape[0], -1)[a:b].reshape(-1)  # whole stored rows: a view
-    return _sliced(ref, (b - a, *ref.shape[1:]), rows.numel()), rows
+def _rows(ref: TensorRef, raw: torch.Tensor, a: int, b: int, parts: int) -> tuple[TensorRef, torch.Tensor]:
+    """Rows a..b of each of the tensor's `parts` stacked sub-matrices, copied out."""
+    n = ref.shape[0]
+    stored = raw.view(parts, n // parts, -1)  # (parts, rows, row bytes)
+    rows = stored[:, a:b].reshape(-1).clone()
+    return _sliced(ref, (parts * (b - a), *ref.shape[1:]), rows.numel()), rows
 
 
 def _columns(ref: TensorRef, raw: torch.Tensor, a: int, b: int) -> tuple[TensorRef, torch.Tensor]:
@@ -83,22 +104,41 @@ def _columns(ref: TensorRef, raw: torch.Tensor, a: int, b: int) -> tuple[TensorR
     return _sliced(ref, (n, b - a), cols.numel()), cols
 
 
-def shard_tensors(source: TensorBytes, spec: ShardSpec, prefix: str) -> TensorBytes:
-    """This rank's part of the tensors under `prefix` (other tensors as they are). Raises
-    UnsupportedModelError for transposed (GPT-2 style) weights or columns off block bounds."""
+def shard_tensors(source: TensorBytes, spec: ShardSpec, prefix: str, plan: dict) -> TensorBytes:
+    """This rank's part of the tensors under `prefix`, split as the architecture's plan says
+    (other tensors as they are). Raises UnsupportedModelError for transposed (HF GPT-2) weights
+    or columns off block bounds."""
     out = {}
     for name, (ref, data) in source.items():
         local = name[len(prefix):] if name.startswith(prefix) else name
         module, _, leaf = local.rpartition(".")
-        if module in ROW_SPLIT or module in COL_SPLIT:
-            if ref.transform is not None:
-                raise UnsupportedModelError(f"{name}: tensor parallel needs untransposed weights (GGUF or Llama HF)")
-        if module in ROW_SPLIT:
-            out[name] = _rows(ref, data, *spec.rows(ROW_SPLIT[module]))
-        elif module in COL_SPLIT and leaf == "bias":
-            out[name] = (ref, data if spec.rank == 0 else torch.zeros_like(data))  # the partial sums carry it once
-        elif module in COL_SPLIT:
-            out[name] = _columns(ref, data, *spec.rows(COL_SPLIT[module]))
-        else:
+        split = plan.get(module)
+        if split is None:
             out[name] = (ref, data)
+            continue
+        if ref.transform is not None:
+            raise UnsupportedModelError(f"{name}: tensor parallel needs the matrices untransposed (this checkpoint "
+                                        f"stores them transposed): convert it to GGUF first (pipeload convert)")
+        how, kind, *parts = split
+        a, b = spec.rows(kind)
+        if how == "rows":
+            out[name] = _rows(ref, data, a, b, parts[0] if parts else 1)
+        elif leaf == "bias":
+            out[name] = (ref, data if spec.rank == 0 else torch.zeros_like(data))  # the partial sums carry it once
+        else:
+            out[name] = _columns(ref, data, a, b)
     return out
+
+
+def shard_bytes(ref: TensorRef, spec: ShardSpec, plan: dict, prefix: str) -> int:
+    """Bytes this rank holds of a tensor (the planner's size of a shard)."""
+    module = ref.name[len(prefix):].rpartition(".")[0] if ref.name.startswith(prefix) else ref.name.rpartition(".")[0]
+    split = plan.get(module)
+    if split is None:
+        return ref.info.nbytes
+    how, kind, *parts = split
+    if how == "columns" and ref.name.endswith(".bias"):
+        return ref.info.nbytes  # replicated (zeros beyond rank 0)
+    a, b = spec.rows(kind)
+    whole = ref.shape[0] // (parts[0] if parts else 1) if how == "rows" else ref.shape[1]
+    return ref.info.nbytes * (b - a) // whole

@@ -21,7 +21,7 @@ import torch
 from .. import models
 from ..errors import ModelFileError
 from ..weights.checkpoint import Checkpoint, open_checkpoint
-from ..weights.index import WeightsIndex, build_index
+from ..weights.index import EMBED_NAMES, HEAD_NAMES, WeightsIndex, build_index
 
 
 @dataclass
@@ -50,19 +50,28 @@ class ModelSpec:
         return "hf" if has else "none"
 
     def load_tokenizer(self):
-        """The model's Tokenizer (weights/tokenizer.py), or None when the file has none."""
-        ckpt = self.checkpoint
-        if ckpt.format == "gguf":
-            from ..weights.gguf_tokenizer import tokenizer_from_gguf
+        """The model's Tokenizer (pipeload/tokenizer), or None when the file has none."""
+        from ..tokenizer import load_tokenizer
 
-            return tokenizer_from_gguf(ckpt.config)
-        from ..weights.tokenizer import load_hf_tokenizer
-
-        return load_hf_tokenizer(ckpt.path)
+        return load_tokenizer(self.checkpoint)
 
     def new_model(self) -> torch.nn.Module:
         """The architecture's Model (embeddings and head) with no weights yet."""
         return self.arch.Model(self.args)
+
+    @property
+    def is_encoder(self) -> bool:
+        """An encoder (BERT, ViT): bidirectional attention, no KV cache, no generation."""
+        return self.arch.__name__.rsplit(".", 1)[-1] in models.ENCODERS
+
+    @property
+    def embed_names(self) -> tuple[str, ...]:
+        """First parts of the names of the embed group's tensors (the architecture's, or the default)."""
+        return getattr(self.arch, "EMBED_NAMES", EMBED_NAMES)
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return getattr(self.arch, "HEAD_NAMES", HEAD_NAMES)
 
 
 def model_args(ckpt: Checkpoint) -> tuple[ModuleType, Any]:
@@ -71,7 +80,7 @@ def model_args(ckpt: Checkpoint) -> tuple[ModuleType, Any]:
     where = "GGUF metadata" if ckpt.format == "gguf" else "config.json"
     try:
         if ckpt.format == "gguf":
-            arch = models.for_gguf_architecture(ckpt.architecture)
+            arch = models.for_gguf_architecture(ckpt.architecture, ckpt.config)
             shapes = {name: t.shape for name, t in ckpt.tensors.items()}
             args = arch.ModelArgs.from_gguf(ckpt.architecture, ckpt.config, shapes)
         else:
@@ -81,9 +90,12 @@ def model_args(ckpt: Checkpoint) -> tuple[ModuleType, Any]:
         raise ModelFileError(f"{ckpt.path}: {where} lacks {e.args[0]!r}") from None
     except (TypeError, ZeroDivisionError) as e:
         raise ModelFileError(f"{ckpt.path}: {where} has a missing or malformed setting ({e})") from None
-    for field in dataclasses.fields(args):
+    except ModelFileError as e:  # the architecture's own checks (e.g. expert counts against tensor shapes)
+        raise ModelFileError(f"{ckpt.path}: {e}") from None
+    for field in dataclasses.fields(args):  # the required settings (no default) are positive integers
         value = getattr(args, field.name)
-        if field.type in ("int", int) and (not isinstance(value, int) or value <= 0):
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if required and field.type in ("int", int) and (not isinstance(value, int) or value <= 0):
             raise ModelFileError(f"{ckpt.path}: model setting {field.name} = {value!r} is missing or not a positive integer")
     return arch, args
 
@@ -95,7 +107,8 @@ def compute_dtype(ckpt: Checkpoint, requested: torch.dtype | None) -> torch.dtyp
         if requested not in (torch.float32, torch.bfloat16):
             raise ValueError(f"compute dtype must be float32 or bfloat16, got {requested}")
         return requested
-    all_f32 = all(t.dtype in ("F32", "F64") for t in ckpt.tensors.values() if len(t.shape) >= 2)
+    integers = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # index buffers (BERT's position_ids), not weights
+    all_f32 = all(t.dtype in ("F32", "F64") for t in ckpt.tensors.values() if len(t.shape) >= 2 and t.dtype not in integers)
     return torch.float32 if all_f32 else torch.bfloat16
 
 
@@ -106,6 +119,39 @@ def open_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Mod
     ckpt = open_checkpoint(path)
     arch, args = model_args(ckpt)
     rules = list(getattr(arch, "HF_NAME_RULES", []))
-    index = build_index(ckpt, args.n_layers, rules, args.tie_embeddings)
+    index = build_index(ckpt, args.n_layers, rules, args.tie_embeddings, getattr(arch, "EMBED_NAMES", EMBED_NAMES),
+                        getattr(arch, "HEAD_NAMES", HEAD_NAMES))
     return ModelSpec(checkpoint=ckpt, arch=arch, args=args, index=index, dtype=compute_dtype(ckpt, dtype),
                      name_rules=rules)
+
+
+class SpecView:
+    """What a loaded engine (runtime/engine.py Engine, cluster/launch.py ClusterEngine) says
+    about its model, read from its `spec` (a ModelSpec) and `context` (0: the model's own)."""
+
+    spec: ModelSpec
+    context: int
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return self.spec.checkpoint
+
+    @property
+    def arch(self) -> ModuleType:
+        return self.spec.arch
+
+    @property
+    def args(self) -> Any:
+        return self.spec.args
+
+    @property
+    def index(self) -> WeightsIndex:
+        return self.spec.index
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.spec.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.context or self.args.context_length

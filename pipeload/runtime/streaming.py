@@ -41,11 +41,13 @@ class StreamedLayers:
     """A LayerSource (see executor.py) over resident modules and groups streamed from the file."""
 
     def __init__(self, spec, layouts: dict[str, GroupLayout], model: nn.Module, resident: dict[str, nn.Module],
-                 streamed: list[str], held: TensorBytes, prefetch_depth: int, io_mode: str, read_threads: int = 2):
+                 streamed: list[str], held: TensorBytes, prefetch_depth: int, io_mode: str, read_threads: int = 2,
+                 experts=None):
         self.spec, self.layouts, self.model, self.resident, self.order = spec, layouts, model, resident, streamed
         self.held = held  # the resident embed group's views (a tied output matrix's bytes)
         self.io_mode, self.depth = io_mode, prefetch_depth
-        self.stats = StreamStats()
+        self.experts = experts  # routed experts read on demand (runtime/experts.py), or None
+        self.stats = experts.stream_stats if experts is not None else StreamStats()
         self.skeletons: dict[str, nn.Module] = {}  # built at a group's first use, re-pointed afterwards
         span = max((layouts[g].nbytes for g in streamed), default=0)
         self.slots = [aligned_buffer(span) for _ in range(prefetch_depth + 1)] if streamed else []
@@ -62,7 +64,7 @@ class StreamedLayers:
         if group == "head":
             module = build_outer(self.spec, head=views, into=into)
         else:
-            module = build_block(self.spec, int(group[4:]), views, into=into)
+            module = build_block(self.spec, int(group[4:]), views, into=into, experts=self.experts)
         self.skeletons[group] = module
         return module
 
@@ -158,6 +160,8 @@ class StreamedLayers:
         if self.chunk_pool:
             self.chunk_pool.shutdown(wait=True)
         self.reader.close()
+        if self.experts is not None:
+            self.experts.close()
 
 
 def read_resident(layout: GroupLayout, reader: RangeReader, io_mode: str, held: TensorBytes | None = None) -> TensorBytes:

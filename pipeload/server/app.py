@@ -1,10 +1,11 @@
 """The FastAPI application: routes, OpenAI-style errors, health, metrics and the chat page.
 
     GET  /                      the web chat page (static/index.html)
-    GET  /v1/models             OpenAI model list (+ each model's state)
+    GET  /v1/models             OpenAI model list (+ each model's state and capabilities)
     GET  /v1/models/{name}
     POST /v1/completions        OpenAI completions (stream: true -> server-sent events)
     POST /v1/chat/completions   OpenAI chat completions
+    POST /v1/embeddings         OpenAI embeddings (text encoders: BERT family), float or base64
     GET  /health                ok / not ok; with the key (or no keys set): per-model state and figures
     GET  /metrics               Prometheus text format (an API key or the metrics key, when keys are set)
     GET  /openapi.json          the OpenAPI document (request and response schemas, limits, model names)
@@ -25,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .completions import handle_completion
+from .embeddings import file_capabilities, handle_embeddings
 from .errors import APIError
 from .metrics import Metrics
 from .openapi import openapi_document
@@ -36,8 +38,9 @@ STATIC = Path(__file__).parent / "static"
 
 
 def _model_card(name: str, handle, created: int) -> dict:
+    capabilities = handle.info.get("capabilities") or file_capabilities(handle.spec.path)
     return {"id": name, "object": "model", "created": created, "owned_by": "pipeload",
-            "state": handle.state, "context_length": handle.info.get("context_length")}
+            "state": handle.state, "context_length": handle.info.get("context_length"), "capabilities": capabilities}
 
 
 def create_app(registry: Registry, preload: bool = False, keys: Keys | None = None,
@@ -102,6 +105,16 @@ def create_app(registry: Registry, preload: bool = False, keys: Keys | None = No
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await completion(request, "chat", "chat_completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        try:
+            response = await handle_embeddings(request, registry, metrics, limits)
+        except APIError as e:
+            metrics.requests.labels(getattr(request.state, "model", "unknown"), "embeddings", str(e.status)).inc()
+            raise
+        metrics.requests.labels(request.state.model, "embeddings", "200").inc()
+        return response
 
     @app.get("/v1/models")
     async def list_models():

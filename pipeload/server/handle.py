@@ -234,6 +234,12 @@ class WorkerHandle:
                         del self.pending[ev["id"]]
             if self.on_events is not None:
                 self.on_events(self, msg[1])
+        elif kind == "embedded":  # an encoder's answers: one result per request, nothing streamed
+            self.stats = msg[2]
+            for result in msg[1]:
+                p = self.pending.pop(result["id"], None)
+                if p is not None:
+                    p.events.put_nowait(result)
         elif kind == "stats":
             self.stats = msg[1]
 

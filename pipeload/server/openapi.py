@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import schemas
+from . import embeddings, schemas
 from .security import Limits
 
 REF = "#/components/schemas/{model}"
@@ -42,7 +42,9 @@ _CHAT = {"type": "object", "required": ["id", "object", "created", "model", "cho
 _MODEL = {"type": "object", "required": ["id", "object", "created", "owned_by", "state"], "properties": {
     "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
     "owned_by": {"type": "string"}, "state": {"enum": ["unloaded", "loading", "loaded", "unloading", "dead", "error"]},
-    "context_length": {"type": ["integer", "null"]}}}
+    "context_length": {"type": ["integer", "null"]},
+    "capabilities": {"type": "array", "items": {"enum": ["completion", "chat", "embeddings", "image_embeddings",
+                                                         "classification"]}}}}
 _MODEL_LIST = {"type": "object", "required": ["object", "data"],
                "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}}}
 _EVENT = {"type": "object", "required": ["data"],  # one server-sent event: a chunk's JSON, an error's, or [DONE]
@@ -96,7 +98,8 @@ def openapi_document(names: list[str], limits: Limits, keys_required: bool) -> d
     """The OpenAPI 3.1 document of a server offering the models `names` under `limits`."""
     completion, defs = _request_schema(schemas.CompletionRequest, names, limits, "completion")
     chat, chat_defs = _request_schema(schemas.ChatRequest, names, limits, "chat")
-    components = {"CompletionRequest": completion, "ChatRequest": chat, **defs, **chat_defs, "Error": _ERROR}
+    components = {"CompletionRequest": completion, "ChatRequest": chat, **defs, **chat_defs,
+                  "EmbeddingRequest": embeddings.request_schema(names, limits), "Error": _ERROR}
     secured = {"security": [{"bearer": []}]} if keys_required else {}
 
     def post(summary: str, request: str, response: dict) -> dict:
@@ -110,10 +113,17 @@ def openapi_document(names: list[str], limits: Limits, keys_required: bool) -> d
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "pipeload", "version": _version(),
-                 "description": "OpenAI-compatible completions and chat completions over models larger than memory."},
+                 "description": "OpenAI-compatible completions, chat completions and embeddings over models larger than memory."},
         "paths": {
             "/v1/completions": post("OpenAI completions", "CompletionRequest", _COMPLETION),
             "/v1/chat/completions": post("OpenAI chat completions", "ChatRequest", _CHAT),
+            "/v1/embeddings": {"post": {
+                "summary": "OpenAI embeddings: one vector per text (models with the \"embeddings\" capability)",
+                **secured, "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}},
+                "responses": {"200": _json(embeddings.RESPONSE_SCHEMA, "the vectors (float arrays, or base64 of "
+                                                                       "little-endian float32)"),
+                              **_errors(400, 401, 404, 413, 429, 503)}}},
             "/v1/models": {"get": {"summary": "the models and their states", **secured,
                                    "responses": {"200": _json(_MODEL_LIST, "the model list"), **_errors(401)}}},
             "/v1/models/{name}": {"get": {

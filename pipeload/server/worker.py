@@ -7,6 +7,7 @@ server -> worker                          worker -> server
 ("cancel", rid)                           ("ready", info) / ("load_error", message)
 ("stop",)                                 ("accepted", rid, {"prompt_tokens"}) / ("rejected", rid, error)
                                           ("events", [event, ...], stats)    one per pass
+                                          ("embedded", [result, ...], stats) encoders (encoder_lane.py)
                                           ("stats", stats)                   after control messages
 
 The worker ignores SIGINT: Ctrl-C in a terminal reaches the whole process group, and the server
@@ -100,19 +101,31 @@ class Worker:
         self.tokenizer = model._tokenizer
         self.lock = threading.Lock()         # lane loads and request owners
         self.owner: dict[str, Lane] = {}     # request id -> its lane
-        n = max(1, int(options.get("lanes") or getattr(model.engine, "pipeline_depth", 1)))
-        per_lane = max(1, -(-options["max_batch"] // n))
-        self.lanes = [Lane(self, Scheduler(model.engine, self.tokenizer, max_batch=per_lane,
-                                           max_len=options.get("max_len"), exact=options.get("exact", True)), k)
-                      for k in range(n)]
+        self.capabilities = model.capabilities
+        if model.is_encoder:  # embeddings, batched by an encoder lane (encoder_lane.py)
+            from .encoder_lane import EncoderLane
+
+            self.lanes = [EncoderLane(self, options["max_batch"])]
+        else:
+            n = max(1, int(options.get("lanes") or getattr(model.engine, "pipeline_depth", 1)))
+            per_lane = max(1, -(-options["max_batch"] // n))
+            self.lanes = [Lane(self, Scheduler(model.engine, self.tokenizer, max_batch=per_lane,
+                                               max_len=options.get("max_len"), exact=options.get("exact", True)), k)
+                          for k in range(n)]
         self.send_lock = threading.Lock()    # one message on the pipe at a time (lanes send too)
 
     def info(self) -> dict[str, Any]:
         """What the server shows about this model once it is loaded."""
         from ..runtime.memory import current_rss, peak_rss
 
+        if self.model.is_encoder:
+            return {"pid": os.getpid(), "capabilities": self.capabilities,
+                    "context_length": self.model.engine.context_length,
+                    "weights_bytes": self.model.engine.index.total_bytes, "max_batch": self.lanes[0].max_batch,
+                    "lanes": 1, "streamed_groups": len(self.model.plan.streamed) if self.model.plan is not None else 0,
+                    "rss": current_rss(), "peak_rss": peak_rss()}
         tok, first = self.tokenizer, self.lanes[0].scheduler
-        return {"pid": os.getpid(), "context_length": first.max_len, "vocab_size": self.model.args.vocab_size,
+        return {"pid": os.getpid(), "capabilities": self.capabilities, "context_length": first.max_len, "vocab_size": self.model.args.vocab_size,
                 "has_tokenizer": tok is not None, "has_chat_template": tok is not None and bool(tok.chat_template),
                 "weights_bytes": self.model.engine.index.total_bytes,
                 "kv_cache_bytes": sum(lane.scheduler.cache.nbytes for lane in self.lanes),
@@ -125,6 +138,11 @@ class Worker:
         """Counters over all lanes (read without stopping them: figures of the moment)."""
         from ..runtime.memory import current_rss, peak_rss
 
+        if self.model.is_encoder:
+            lane = self.lanes[0]
+            return {"active": 0, "waiting": lane.load, "last_batch": lane.last_batch,
+                    "step_seconds": lane.last_step_seconds, "rss": current_rss(), "peak_rss": peak_rss(),
+                    **lane.counters}
         schedulers = [lane.scheduler for lane in self.lanes]
         counters: dict[str, int] = {}
         for s in schedulers:
@@ -177,6 +195,9 @@ class Worker:
         kind = msg[0]
         if kind == "submit":
             _, rid, payload = msg
+            if self.model.is_encoder or payload["kind"] == "embeddings":
+                self._submit_embeddings(rid, payload)
+                return
             try:
                 req = self.request(rid, payload)
             except (PipeloadError, ValueError, TypeError) as e:
@@ -194,6 +215,20 @@ class Worker:
                 lane.inbox.put(("cancel", msg[1]))
         else:
             raise ValueError(f"worker got an unknown message {kind!r}")
+
+    def _submit_embeddings(self, rid: str, payload: dict[str, Any]) -> None:
+        """An embeddings request to the encoder lane; a refusal for any other pairing of request
+        and model (the server checks capabilities first: this is the worker's own guard)."""
+        if payload["kind"] != "embeddings" or not self.model.is_encoder:
+            what = ("an encoder: it makes embeddings (POST /v1/embeddings)" if self.model.is_encoder
+                    else "a decoder: it does not make embeddings")
+            self.send(("rejected", rid, _error(400, f"this model is {what}", "model", "model_not_supported")))
+            return
+        with self.lock:
+            lane = self.lanes[0]
+            lane.load += 1
+            self.owner[rid] = lane
+        lane.inbox.put(("submit", rid, payload, payload["kind"]))
 
     def request(self, rid: str, payload: dict[str, Any]):
         """A scheduler Request from a submit payload; raises ValueError / PipeloadError on bad input."""

@@ -137,10 +137,6 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: GGUF file has no general.architecture")
         return arch
 
-    def arch_key(self, key: str, default: Any = None) -> Any:
-        """Metadata value `<architecture>.<key>`, e.g. arch_key("block_count")."""
-        return self.metadata.get(f"{self.architecture}.{key}", default)
-
 
 def is_gguf(path: Path) -> bool:
     """True if the file starts with the GGUF magic bytes."""

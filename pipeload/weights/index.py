@@ -16,8 +16,10 @@ from .naming import compile_rules, rename
 from .tensor_info import TensorInfo
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")
-EMBED_TENSORS = ("token_embd.", "position_embd.", "rope_freqs.", "token_types.")
-HEAD_TENSORS = ("output_norm.", "output.")
+# the first part of the names of tensors outside the blocks, by group (an architecture may declare
+# its own: models/*.py EMBED_NAMES / HEAD_NAMES)
+EMBED_NAMES = ("token_embd", "position_embd", "rope_freqs", "token_types")
+HEAD_NAMES = ("output_norm", "output")
 
 
 @dataclass(frozen=True)
@@ -83,19 +85,21 @@ class WeightsIndex:
         raise KeyError(name)
 
 
-def group_of(name: str) -> str:
+def group_of(name: str, embed_names: tuple[str, ...] = EMBED_NAMES, head_names: tuple[str, ...] = HEAD_NAMES) -> str:
     """The layer group a GGUF tensor name belongs to."""
     m = _BLOCK.match(name)
     if m:
         return f"blk.{int(m.group(1))}"
-    if name.startswith(EMBED_TENSORS):
+    root = name.split(".", 1)[0]
+    if root in embed_names:
         return "embed"
-    if name.startswith(HEAD_TENSORS):
+    if root in head_names:
         return "head"
     raise UnsupportedModelError(f"tensor {name!r} belongs to no known layer group")
 
 
-def build_index(ckpt: Checkpoint, n_layers: int, hf_rules, tie_embeddings: bool) -> WeightsIndex:
+def build_index(ckpt: Checkpoint, n_layers: int, hf_rules, tie_embeddings: bool,
+                embed_names: tuple[str, ...] = EMBED_NAMES, head_names: tuple[str, ...] = HEAD_NAMES) -> WeightsIndex:
     """Index the checkpoint's tensors under GGUF names (`hf_rules`: the architecture's plain-data
     HF_NAME_RULES, for HF folders); raises on tensors the architecture does not know."""
     hf_rules = compile_rules(hf_rules)
@@ -121,7 +125,7 @@ def build_index(ckpt: Checkpoint, n_layers: int, hf_rules, tie_embeddings: bool)
     groups.update({f"blk.{i}": LayerGroup(f"blk.{i}") for i in range(n_layers)})
     groups["head"] = LayerGroup("head")
     for name, ref in refs.items():
-        g = group_of(name)
+        g = group_of(name, embed_names, head_names)
         if g not in groups:
             raise ModelFileError(f"{ckpt.path}: tensor {name!r} is beyond the {n_layers} layers the metadata declares")
         groups[g].tensors.append(ref)

@@ -50,11 +50,21 @@ class GroupLayout:
         return sum(e.nbytes for e in self.extents)
 
 
-def group_layouts(index: WeightsIndex) -> dict[str, GroupLayout]:
+def group_layouts(index: WeightsIndex, routed_experts: bool = True) -> dict[str, GroupLayout]:
     """The layout of every group. A tensor whose bytes the "embed" group holds (a tied output
-    matrix is the token embedding) is not read again: the group lists it as `shared`."""
+    matrix is the token embedding) is not read again: the group lists it as `shared`. With
+    routed_experts=False, a mixture-of-experts layer's routed experts are left out (they are read
+    expert by expert: runtime/experts.py)."""
     held = {(r.info.path, r.info.offset) for r in index.groups["embed"].tensors}
-    return {name: group_layout(g, frozenset() if name == "embed" else held) for name, g in index.groups.items()}
+    groups = index.groups if routed_experts else {name: without_routed_experts(g) for name, g in index.groups.items()}
+    return {name: group_layout(g, frozenset() if name == "embed" else held) for name, g in groups.items()}
+
+
+def without_routed_experts(group: LayerGroup) -> LayerGroup:
+    """The group without its routed-expert tensors (attention, norms, router, shared experts)."""
+    from .experts import is_routed_expert
+
+    return LayerGroup(group.name, [t for t in group.tensors if not is_routed_expert(t.name)])
 
 
 def group_layout(group: LayerGroup, skip: frozenset = frozenset()) -> GroupLayout:

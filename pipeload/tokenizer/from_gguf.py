@@ -9,6 +9,8 @@ A GGUF file carries no tokenizer.json: it stores the vocabulary under llama.cpp'
 - "llama": SentencePiece BPE, merging the highest-scoring pair first, "▁" for spaces, "<0x0A>"
   byte fallback.
 - "bert": WordPiece, with llama.cpp's "▁word" / "piece" spelling turned back into "word" / "##piece".
+- "t5": SentencePiece unigram (XLM-RoBERTa, T5): the scored pieces, the file's precompiled
+  normalisation map, "▁" for spaces; built as transformers builds XLM-R's tokenizer.json.
 
 Where llama.cpp and transformers (transformers/integrations/gguf/gguf_tokenizer_mapping.py) read
 the same file differently, we follow llama.cpp:
@@ -129,7 +131,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer | None:
         return None
     if kind is None:
         raise ModelFileError("GGUF metadata has tokenizer.ggml.tokens but no tokenizer.ggml.model")
-    builders = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe, "bert": _wordpiece}
+    builders = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe, "bert": _wordpiece, "t5": _unigram}
     if kind not in builders:
         raise UnsupportedModelError(
             f"GGUF tokenizer model {kind!r} is not supported (supported: {', '.join(builders)}); "
@@ -283,6 +285,24 @@ def _wordpiece(vocab: _Vocab, metadata: dict[str, Any]):
     # llama.cpp wraps the text as [CLS] text [SEP]; BOS is [CLS] and EOS the separator.
     return backend, None, {"bos": 101, "eos": metadata.get("tokenizer.ggml.seperator_token_id", 102),
                            "add_bos": True, "add_eos": True}
+
+
+def _unigram(vocab: _Vocab, metadata: dict[str, Any]):
+    # what transformers' XLMRobertaConverter writes for the same SentencePiece model: the file's
+    # normalisation map, whitespace split, "▁" before every word
+    if vocab.scores is None:
+        raise ModelFileError("GGUF unigram (t5) tokenizer has no tokenizer.ggml.scores")
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id", 2)
+    backend = tokenizers.Tokenizer(models.Unigram([(t, float(s)) for t, s in zip(vocab.tokens, vocab.scores)],
+                                                  unk_id=unk_id if isinstance(unk_id, int) else None))
+    charsmap = metadata.get("tokenizer.ggml.precompiled_charsmap")
+    if charsmap is not None and len(charsmap):
+        backend.normalizer = normalizers.Precompiled(bytes(bytearray(int(b) & 0xFF for b in charsmap)))
+    prepend = "always" if metadata.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend)])
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend)
+    return backend, None, {"bos": 0, "eos": 2, "add_bos": True, "add_eos": True}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 A `Tokenizer` wraps a `tokenizers.Tokenizer` (the Rust library does the encoding) and adds what
 generation needs: BOS, the set of ids that end generation, the chat template, and a streaming
-detokenizer. GGUF files build the same class in `gguf_tokenizer.py`.
+detokenizer. GGUF files build the same class in `from_gguf.py`.
 
 Decoding is replayed byte by byte when the decoder is one we know (GPT-2 byte-level BPE, or
 SentencePiece's "▁" pieces with byte fallback): every token maps to a fixed byte string, the text is
@@ -173,8 +173,8 @@ class Tokenizer:
         return StreamingDetokenizer(self, skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        """The prompt text for `messages`; raises NoChatTemplateError / ChatTemplateError (runtime.chat)."""
-        from ..runtime.chat import render_chat_template
+        """The prompt text for `messages`; raises NoChatTemplateError / ChatTemplateError (tokenizer/chat.py)."""
+        from .chat import render_chat_template
 
         return render_chat_template(
             self.chat_template, messages, add_generation_prompt=add_generation_prompt,
@@ -293,9 +293,13 @@ def load_hf_tokenizer(folder: str | Path) -> Tokenizer | None:
             backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # the Rust side raises a bare Exception for any parse error
             raise ModelFileError(f"{folder / 'tokenizer.json'}: not a readable tokenizer: {e}") from e
+        # Some files carry the padding/truncation their trainer used (all-MiniLM-L6-v2: pad and
+        # cut every text to 128 tokens); transformers ignores them unless asked, and so do we.
+        backend.no_padding()
+        backend.no_truncation()
         piece_decoding = "auto"
     elif (folder / "tokenizer.model").is_file():
-        from .gguf_tokenizer import sentencepiece_metadata, tokenizer_from_gguf
+        from .from_gguf import sentencepiece_metadata, tokenizer_from_gguf
 
         base = tokenizer_from_gguf(sentencepiece_metadata(folder / "tokenizer.model", config))
         backend, piece_decoding = base.backend, base.piece_decoding

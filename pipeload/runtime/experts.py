@@ -1,0 +1,423 @@
+"""Expert-level streaming: routed experts read on demand, after the router has chosen, into a
+cache sized by the memory budget (docs/DESIGN.md, "use expert sparsity").
+
+The dense part of a mixture-of-experts layer (attention, norms, router, shared experts) is planned
+like any weights (resident when it fits, else streamed through the prefetch ring). Its routed
+experts are not: each block asks the `ExpertCache` (an ExpertSource, models/moe.py) for the
+experts its router picked for the step's tokens (the union over the batch: each read once).
+
+- An expert is three byte ranges of the stored tensors (weights/experts.py: rows of the stacked
+  GGUF tensors), read into one slot of a pool of page-aligned slots (O_DIRECT, or buffered reads
+  dropped from the page cache: the budget holds everything the process is charged for).
+- Hits come out first; misses are read by several threads at once and handed to the block as
+  each completes, so compute on one expert overlaps the reads of the others.
+- Before computing, the next layer's router (with its feed-forward norm) is applied to this
+  layer's hidden state: its top experts are a guess of what the next layer will pick, and their
+  reads start now, behind this layer's misses. How often the guess is right is counted.
+- Which expert leaves the cache when a slot is needed is the policy: "lru" (least recently
+  routed) or "lfu" (least often routed over the whole run, ties by recency). Experts in use or
+  being read, and guesses not yet checked, are never evicted.
+Results do not depend on any of this: the block sums expert outputs in a fixed order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..models.moe import EXPERT_PARTS, ExpertWeights, route, router_logits
+from ..weights.experts import ExpertPiece, expert_pieces, layer_expert_refs
+from ..weights.io import ALIGN, RangeReader, aligned_buffer
+from .moe_blocks import expert_weights
+
+POLICIES = ("lru", "lfu")
+
+
+def _span(piece: ExpertPiece) -> tuple[int, int]:
+    """(aligned start, aligned length) of the read that covers a piece."""
+    start = piece.offset // ALIGN * ALIGN
+    return start, -(-(piece.offset + piece.nbytes) // ALIGN) * ALIGN - start
+
+
+@dataclass
+class ExpertGeometry:
+    """Every routed expert's pieces, and the slot that holds any one of them."""
+
+    pieces: dict[int, list[dict[str, ExpertPiece]]]  # layer -> expert -> part -> piece
+    regions: dict[str, int]                           # part -> offset of its region in a slot
+    slot_bytes: int
+
+    @property
+    def n_experts(self) -> int:
+        return sum(len(v) for v in self.pieces.values())
+
+    def expert_bytes(self, layer: int, e: int) -> int:
+        """File bytes of one expert (what routing it costs; reads add at most 8 KiB of alignment)."""
+        return sum(p.nbytes for p in self.pieces[layer][e].values())
+
+    def read_bytes(self, layer: int, e: int) -> int:
+        """Bytes actually read for one expert (its aligned spans)."""
+        return sum(_span(p)[1] for p in self.pieces[layer][e].values())
+
+
+def expert_geometry(spec) -> ExpertGeometry:
+    """The pieces of every routed expert of an MoE ModelSpec and the slot size that fits the
+    largest; raises ModelFileError on inconsistent expert tensors."""
+    n = spec.args.n_experts
+    pieces = {i: expert_pieces(layer_expert_refs(spec.index.block(i).tensors), n, i) for i in range(spec.args.n_layers)}
+    regions, at = {}, 0
+    for part in EXPERT_PARTS:
+        regions[part] = at
+        at += max(_span(p[part])[1] for layer in pieces.values() for p in layer)
+    return ExpertGeometry(pieces, regions, at)
+
+
+class LRU:
+    """Evict the expert routed least recently."""
+
+    def __init__(self):
+        self.order: OrderedDict = OrderedDict()
+
+    def insert(self, key) -> None:
+        self.order[key] = None
+
+    def use(self, key) -> None:
+        self.order.move_to_end(key)
+
+    def remove(self, key) -> None:
+        del self.order[key]
+
+    def victims(self) -> Iterator:
+        return iter(list(self.order))
+
+
+class LFU:
+    """Evict the expert routed least often so far in the run (counts outlive eviction), the
+    least recent among equals."""
+
+    def __init__(self):
+        self.counts: dict = {}
+        self.buckets: dict[int, OrderedDict] = {}
+
+    def insert(self, key) -> None:
+        self.buckets.setdefault(self.counts.get(key, 0), OrderedDict())[key] = None
+
+    def use(self, key) -> None:
+        c = self.counts.get(key, 0)
+        del self.buckets[c][key]
+        if not self.buckets[c]:
+            del self.buckets[c]
+        self.counts[key] = c + 1
+        self.buckets.setdefault(c + 1, OrderedDict())[key] = None
+
+    def remove(self, key) -> None:
+        c = self.counts.get(key, 0)
+        del self.buckets[c][key]
+        if not self.buckets[c]:
+            del self.buckets[c]
+
+    def victims(self) -> Iterator:
+        for c in sorted(self.buckets):
+            yield from list(self.buckets[c])
+
+
+@dataclass
+class ExpertStats:
+    """What the cache did: expert uses split into hits (already cached), guess hits (read early
+    because the previous layer's guess named them) and misses (read when asked); the guesses'
+    accuracy; bytes of the experts routed and bytes read."""
+
+    hits: int = 0
+    guess_hits: int = 0
+    misses: int = 0
+    routed_bytes: int = 0            # file bytes of every expert a step used (one count per layer and step)
+    read_bytes: int = 0              # bytes read for experts (aligned spans), guesses included
+    guess_reads: int = 0             # experts read because of a guess
+    guessed: int = 0                 # experts guessed (over layers that had a guess)
+    guessed_right: int = 0           # of those, experts the layer then used
+    routed_after_guess: int = 0      # experts used by layers that had a guess
+    wait_seconds: float = 0.0        # compute thread waiting for expert reads
+    evictions: int = 0
+    by_layer: dict = field(default_factory=dict)  # layer -> [hits, guess_hits, misses]
+
+    @property
+    def uses(self) -> int:
+        return self.hits + self.guess_hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        """Expert uses served from the cache without a read at the time of asking, guesses included."""
+        return (self.hits + self.guess_hits) / self.uses if self.uses else float("nan")
+
+    @property
+    def guess_recall(self) -> float:
+        """Share of the experts a layer used that the previous layer's guess had named."""
+        return self.guessed_right / self.routed_after_guess if self.routed_after_guess else float("nan")
+
+    @property
+    def guess_precision(self) -> float:
+        """Share of the guessed experts the layer then used."""
+        return self.guessed_right / self.guessed if self.guessed else float("nan")
+
+    def as_dict(self) -> dict:
+        keys = ("hits", "guess_hits", "misses", "routed_bytes", "read_bytes", "guess_reads", "guessed",
+                "guessed_right", "routed_after_guess", "wait_seconds", "evictions")
+        out = {k: getattr(self, k) for k in keys}
+        out.update(uses=self.uses, hit_rate=self.hit_rate, guess_recall=self.guess_recall,
+                   guess_precision=self.guess_precision)
+        return out
+
+
+@dataclass
+class _Entry:
+    slot: int
+    future: Future | None = None        # the read in flight, None once done
+    weights: ExpertWeights | None = None
+    pins: int = 0                       # uses in progress (never evicted while > 0)
+    guess: bool = False                 # named by a guess not yet checked against the routing (kept)
+    by_guess: bool = False              # read because of that guess (its first use is a guess hit)
+
+
+class ExpertCache:
+    """The routed experts of every layer, read on demand into `n_slots` reused slots (an
+    ExpertSource for every MoE block of the model)."""
+
+    def __init__(self, spec, geometry: ExpertGeometry, n_slots: int, policy: str = "lru", io_mode: str = "direct",
+                 read_threads: int = 4, guides: dict[int, tuple[nn.Module, nn.Module]] | None = None,
+                 stream_stats=None, guess: bool = True):
+        if policy not in POLICIES:
+            raise ValueError(f"expert cache policy must be one of {POLICIES}, got {policy!r}")
+        if n_slots < 1:
+            raise ValueError(f"an expert cache needs at least one slot, got {n_slots}")
+        self.spec, self.geometry, self.io_mode = spec, geometry, io_mode
+        self.top_k, self.n_layers = spec.args.top_k, spec.args.n_layers
+        self.n_slots, self.policy_name = n_slots, policy
+        self.arena = aligned_buffer(n_slots * geometry.slot_bytes)  # one mapping for every slot
+        self.free: deque[int] = deque(range(n_slots))
+        self.entries: dict[tuple[int, int], _Entry] = {}
+        self.policy = LRU() if policy == "lru" else LFU()
+        self.guides = guides or {}            # layer -> (feed-forward norm, router) for guessing
+        self.guess = guess                     # guessing on; it needs guides (set by the engine)
+        self.guesses: dict[int, set[int]] = {}  # layer -> experts guessed for its next use
+        self.stats = ExpertStats()
+        self.stream_stats = stream_stats       # the run's StreamStats (bytes_read shared with the ring)
+        self.reader = RangeReader()
+        self.pool = ThreadPoolExecutor(read_threads, thread_name_prefix="pipeload-experts")
+        self.file_sizes = {p.ref.info.path: p.ref.info.path.stat().st_size
+                           for layer in geometry.pieces.values() for p in layer[0].values()}
+        self.where = f"{spec.path}: experts"
+        self.lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.geometry.slot_bytes
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _slot(self, slot: int) -> torch.Tensor:
+        s = self.geometry.slot_bytes
+        return self.arena[slot * s:(slot + 1) * s]
+
+    def _read(self, layer: int, e: int, slot: int) -> int:
+        """Read expert e of `layer` into `slot` (on a pool thread); returns the bytes read."""
+        buf, total = self._slot(slot), 0
+        for part in EXPERT_PARTS:
+            piece = self.geometry.pieces[layer][e][part]
+            start, length = _span(piece)
+            path = piece.ref.info.path
+            if self.io_mode != "direct":
+                length = min(length, self.file_sizes[path] - start)
+            at = self.geometry.regions[part]
+            self.reader.read_into(path, start, buf[at:at + length], self.io_mode == "direct")
+            total += length
+        # counted when read, used or not (a wrong guess's read costs as much as a miss)
+        with self.lock:
+            self.stats.read_bytes += total
+        if self.stream_stats is not None:
+            with self.stream_stats.lock:
+                self.stream_stats.bytes_read += total
+        return total
+
+    def _views(self, layer: int, e: int, slot: int) -> ExpertWeights:
+        buf, pieces = self._slot(slot), self.geometry.pieces[layer][e]
+        raw = []
+        for part in EXPERT_PARTS:
+            piece = pieces[part]
+            at = self.geometry.regions[part] + piece.offset - _span(piece)[0]
+            raw.append(buf[at:at + piece.nbytes])
+        return expert_weights(pieces, raw, self.spec.args.expert_ffn_dim, self.spec.args.dim, self.spec.dtype,
+                              self.where)
+
+    def _take_slot(self) -> int | None:
+        """A free slot, evicting by the policy if needed; None when every slot is in use."""
+        if self.free:
+            return self.free.popleft()
+        for key in self.policy.victims():
+            entry = self.entries[key]
+            # a read in flight is never evicted; a finished one nobody used (a wrong guess) may be,
+            # and a read error of it goes with it (it would be raised on use)
+            if entry.pins == 0 and not entry.guess and (entry.future is None or entry.future.done()):
+                self.policy.remove(key)
+                del self.entries[key]
+                self.stats.evictions += 1
+                return entry.slot
+        return None
+
+    def _start(self, layer: int, e: int, guess: bool = False) -> _Entry | None:
+        """Begin reading an expert into a slot; None when no slot can be had."""
+        slot = self._take_slot()
+        if slot is None:
+            return None
+        entry = _Entry(slot, self.pool.submit(self._read, layer, e, slot), guess=guess, by_guess=guess)
+        self.entries[(layer, e)] = entry
+        self.policy.insert((layer, e))
+        return entry
+
+    def _finish(self, layer: int, e: int, entry: _Entry) -> None:
+        """The read of an entry is done: build its weights (re-raises read errors)."""
+        entry.future.result()
+        entry.future = None
+        entry.weights = self._views(layer, e, entry.slot)
+
+    # -- guessing the next layer -----------------------------------------------------------------
+
+    def _guess(self, layer: int, hidden: torch.Tensor, limit: int) -> None:
+        """Apply layer+1's router to `hidden` (N, D) and start reading its top experts."""
+        nxt = layer + 1
+        if not self.guess or nxt >= self.n_layers or nxt not in self.guides or limit <= 0:
+            return
+        norm, router = self.guides[nxt]
+        weights, chosen = route(router_logits(router, norm(hidden)), self.top_k, False)  # (N, k)
+        score = torch.zeros(self.spec.args.n_experts).index_add_(0, chosen.reshape(-1), weights.reshape(-1))
+        picked = [e for e in torch.argsort(score, descending=True, stable=True).tolist() if score[e] > 0][:limit]
+        self.guesses.setdefault(nxt, set()).update(picked)  # several calls per layer in a step add up
+        for e in picked:
+            entry = self.entries.get((nxt, e))
+            if entry is not None:
+                entry.guess = True  # keep it until the next layer has routed
+            elif self._start(nxt, e, guess=True) is not None:
+                self.stats.guess_reads += 1
+
+    # -- ExpertSource ---------------------------------------------------------------------------
+
+    def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator[tuple[int, ExpertWeights]]:
+        """Each of `experts` of `layer` with its weights, cached ones first, the rest as their
+        reads complete (see the module docstring); re-raises read errors."""
+        st = self.stats
+        guessed = self.guesses.pop(layer, set())
+        if guessed:
+            st.guessed += len(guessed)
+            st.guessed_right += len(guessed.intersection(experts))
+            st.routed_after_guess += len(experts)
+        ready, reading, todo = [], {}, deque()
+        per_layer = st.by_layer.setdefault(layer, [0, 0, 0])
+        for e in experts:
+            key = (layer, e)
+            st.routed_bytes += self.geometry.expert_bytes(layer, e)
+            entry = self.entries.get(key)
+            if entry is None:
+                todo.append(e)
+                continue
+            kind = 1 if entry.by_guess else 0
+            st.guess_hits += kind
+            st.hits += 1 - kind
+            per_layer[kind] += 1
+            entry.pins += 1
+            self.policy.use(key)
+            if entry.future is not None:
+                reading[entry.future] = e
+            else:
+                ready.append(e)
+        for e in guessed:  # checked: guesses are ordinary cache entries from now on
+            entry = self.entries.get((layer, e))
+            if entry is not None:
+                entry.guess = entry.by_guess = False
+        st.misses += len(todo)
+        per_layer[2] += len(todo)
+        guessed_now = False
+        try:
+            while ready or reading or todo:
+                while todo:
+                    entry = self._start(layer, todo[0])
+                    if entry is None:
+                        break
+                    e = todo.popleft()
+                    entry.pins += 1
+                    self.policy.use((layer, e))
+                    reading[entry.future] = e
+                if not guessed_now and not todo:  # after this layer's own reads, so they come first
+                    guessed_now = True
+                    self._guess(layer, hidden, self._guess_limit(hidden.shape[0]))
+                if not ready:
+                    if not reading:
+                        raise RuntimeError(f"expert cache of {self.n_slots} slots cannot hold what layer {layer} needs")
+                    t0 = time.perf_counter()
+                    done, _ = wait(list(reading), return_when=FIRST_COMPLETED)
+                    st.wait_seconds += time.perf_counter() - t0
+                    for fut in done:
+                        e = reading.pop(fut)
+                        entry = self.entries[(layer, e)]
+                        if entry.future is fut:  # a guess read another use of this layer already finished
+                            self._finish(layer, e, entry)
+                        ready.append(e)
+                e = ready.pop(0)
+                entry = self.entries[(layer, e)]
+                if entry.future is not None:
+                    self._finish(layer, e, entry)
+                try:
+                    yield e, entry.weights
+                finally:
+                    entry.pins -= 1
+        finally:
+            for fut, e in reading.items():  # the consumer stopped early: let the reads land, keep them
+                entry = self.entries[(layer, e)]
+                if entry.future is fut:
+                    self._finish(layer, e, entry)
+                entry.pins -= 1
+            for e in ready:
+                self.entries[(layer, e)].pins -= 1
+
+    def _guess_limit(self, rows: int) -> int:
+        """At most this many experts are guessed: the next layer's k per row (a few rows), and
+        never more than a third of the slots (guesses must not crowd out the cache)."""
+        return min(self.top_k * min(rows, 4), self.n_slots // 3)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.reader.close()
+
+
+class _Guide(nn.Module):
+    """A layer's feed-forward norm and router, held apart from the layer (it streams)."""
+
+    def __init__(self, norm: nn.Module, router: nn.Module):
+        super().__init__()
+        self.ffn_norm, self.ffn_gate_inp = norm, router
+
+
+def router_guides(spec, blocks: dict[int, nn.Module], reader: RangeReader, io_mode: str) -> dict[int, tuple]:
+    """{layer: (feed-forward norm, router)} of every layer, for guessing its experts from the
+    previous layer: the resident blocks' own modules, or for streamed layers those two tensors
+    read once (the plan counts them as guide_bytes)."""
+    from .blocks import attach
+    from .moe_plan import guide_layout
+    from .streaming import read_resident
+
+    out = {}
+    for i in range(spec.args.n_layers):
+        if i in blocks:
+            out[i] = (blocks[i].ffn_norm, blocks[i].ffn_gate_inp)
+            continue
+        skeleton = spec.arch.Block(spec.args, i)
+        guide = _Guide(skeleton.ffn_norm, skeleton.ffn_gate_inp)
+        attach(guide, read_resident(guide_layout(spec.index.block(i)), reader, io_mode), f"blk.{i}.", spec.dtype,
+               f"{spec.path}: layer {i} router")
+        out[i] = (guide.ffn_norm, guide.ffn_gate_inp)
+    return out

@@ -1,0 +1,125 @@
+"""The cluster tracer (cluster/trace.py) and the breakdown read back from its files
+(bench/trace_report.py): spans on one clock, all-reduce waits split between the slower rank and
+the hand-over, hops matched to the sends that fed them."""
+
+import json
+
+import pytest
+import torch
+
+from pipeload.bench import trace_report
+from pipeload.cluster.trace import Tracer, TracedGroup, trace_blocks
+
+
+def _write(tmp_path, label, spans):
+    t = Tracer(str(tmp_path))
+    t.label = label
+    for name, cat, t0, t1, args in spans:
+        t.add(name, cat, t0, t1, **args)
+    return t.dump()
+
+
+def test_dump_is_chrome_trace_with_the_spans(tmp_path):
+    t = Tracer(str(tmp_path))
+    t.label = "tensor-rank1-w1"
+    with t.span("step", "step", step=3):
+        pass
+    data = json.loads(t.dump().read_text())
+    assert data["traceEvents"][0] == {"ph": "M", "name": "process_name", "pid": data["traceEvents"][0]["pid"],
+                                      "args": {"name": "tensor-rank1-w1"}}
+    (ev,) = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert ev["name"] == "step" and ev["args"] == {"step": 3} and ev["dur"] >= 0
+
+
+def test_off_without_a_directory_records_nothing(tmp_path):
+    t = Tracer(None)
+    with t.span("step", "step"):
+        pass
+    t.add("x", "y", 0.0, 1.0)
+    assert t.events == [] and t.dump() is None
+
+
+def test_breakdown_splits_allreduce_into_waiting_and_hand_over(tmp_path):
+    # one decode token of 10 ms; rank 1 enters its all-reduce at 2 ms, rank 2 at 5 ms (it computed
+    # longer), both leave at 5.2 ms: rank 1 waited 3 ms for rank 2, both paid 0.2 ms of hand-over
+    coord = [("decode", "bench", 0.0, 0.010, {"tokens": 1, "streams": 1}),
+             ("submit", "serialise", 0.0, 0.0005, {"T": 1}),
+             ("pack", "serialise", 0.0, 0.0004, {"step": 9, "op": 1, "dst": 1}),
+             ("wait logits", "recv", 0.0005, 0.0095, {"T": 1})]
+    r1 = [("recv", "recv", 0.0, 0.0006, {"step": 9, "op": 1, "src": 0}),
+          ("step", "step", 0.001, 0.008, {"step": 9, "op": 1, "T": 1}),
+          ("layer 0", "layer", 0.001, 0.0075, {"layer": 0}),
+          ("all-reduce", "allreduce", 0.002, 0.0052, {"seq": 0})]
+    r2 = [("step", "step", 0.001, 0.008, {"step": 9, "op": 1, "T": 1}),
+          ("layer 0", "layer", 0.001, 0.0075, {"layer": 0}),
+          ("all-reduce", "allreduce", 0.005, 0.0052, {"seq": 0})]
+    _write(tmp_path, "coordinator", coord)
+    _write(tmp_path, "tensor-rank1-w1", r1)
+    _write(tmp_path, "tensor-rank2-w2", r2)
+    b = trace_report.breakdown(tmp_path)
+    one, two = b["ms_per_token"]["tensor-rank1-w1"], b["ms_per_token"]["tensor-rank2-w2"]
+    assert one["all-reduce: waiting for other ranks"] == pytest.approx(3.0)
+    assert one["all-reduce: hand-over"] == pytest.approx(0.2)
+    assert two["all-reduce: waiting for other ranks"] == pytest.approx(0.0)
+    assert one["compute"] == pytest.approx(6.5 - 3.2) and two["compute"] == pytest.approx(6.5 - 0.2)
+    assert one["step overhead"] == pytest.approx(0.5)
+    assert sum(one.values()) == pytest.approx(10.0)  # every ms of the window is in one category
+    # the receive was waiting when the coordinator posted at 0.4 ms; it returned at 0.6 ms
+    assert b["handover_us"]["tensor-rank1-w1: receive from rank 0"] == pytest.approx(200.0)
+    assert b["handover_us"]["tensor-rank2-w2: all-reduce"] == pytest.approx(200.0)
+    assert b["tokens_per_second"] == pytest.approx(100.0)
+    png = trace_report.plot({"run": b}, tmp_path / "b.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_breakdown_refuses_a_trace_without_a_decode_window(tmp_path):
+    _write(tmp_path, "coordinator", [("submit", "serialise", 0.0, 0.001, {"T": 1})])
+    with pytest.raises(ValueError, match="no decode window"):
+        trace_report.breakdown(tmp_path)
+
+
+class _Work:
+    def wait(self):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+class _Group:
+    def send(self, *a):
+        return _Work()
+
+    def recv(self, *a):
+        return _Work()
+
+    def size(self):
+        return 2
+
+
+def test_traced_group_times_one_reduction_from_first_post_to_last_wait(monkeypatch, tmp_path):
+    from pipeload.cluster import trace
+
+    t = Tracer(str(tmp_path))
+    monkeypatch.setattr(trace, "TRACE", t)
+    g = TracedGroup(_Group())
+    works = [g.recv([None], 1, 0), g.send([None], 1, 0)]
+    assert g.size() == 2  # everything else passes through
+    works[0].wait()
+    assert t.events == []  # one work still open
+    works[1].wait()
+    (ev,) = t.events
+    assert ev[0] == "all-reduce" and ev[5] == {"seq": 0}
+
+
+def test_trace_blocks_times_every_forward(monkeypatch, tmp_path):
+    from pipeload.cluster import trace
+
+    t = Tracer(str(tmp_path))
+    monkeypatch.setattr(trace, "TRACE", t)
+    blocks = {4: torch.nn.Linear(2, 2), 5: torch.nn.Linear(2, 2)}
+    trace_blocks(blocks)
+    trace_blocks(blocks)  # hooked once only
+    for b in blocks.values():
+        b(torch.ones(1, 2))
+    assert [e[0] for e in t.events] == ["layer 4", "layer 5"]
