@@ -11,7 +11,6 @@
  * loader raises ValueError naming the tensor) or PL_ENOMEM (MemoryError).
  */
 #include "pl.h"
-#include <pthread.h>
 
 #if defined(PL_X86) || defined(PL_NEON)
 #define DOT(F) dot_##F
@@ -64,34 +63,6 @@ int pl_type_info(int qtype, int64_t *block, int64_t *type_size) {
     *block = t->block;
     *type_size = t->type_size;
     return 1;
-}
-
-/* ---- per-thread scratch for quantized activations (grown, never shrunk; freed at thread exit) ---- */
-
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-typedef struct { uint8_t *p; int64_t n; } scratch_t;
-
-static void scratch_free(void *s) {
-    if (s) { free(((scratch_t *)s)->p); free(s); }
-}
-static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
-
-static uint8_t *scratch(int64_t n) {
-    pthread_once(&scratch_once, scratch_init);
-    scratch_t *s = pthread_getspecific(scratch_key);
-    if (!s) {
-        s = calloc(1, sizeof *s);
-        if (!s || pthread_setspecific(scratch_key, s)) { free(s); return NULL; }
-    }
-    if (s->n < n) {
-        void *p = NULL;
-        if (posix_memalign(&p, 64, (size_t)n)) return NULL;
-        free(s->p);
-        s->p = p;
-        s->n = n;
-    }
-    return s->p;
 }
 
 /* ---- the product ---- */
@@ -195,7 +166,7 @@ int pl_linear(const int64_t *desc, int nw, const void *x, int x_bf16, int64_t ld
     int gemm = method == 1 && pl_gemm_available();
     int64_t xs_off = total;
     if (gemm) total += m * (k / QK) * 4;
-    uint8_t *buf = scratch(total);
+    uint8_t *buf = pl_thread_scratch(PL_SCRATCH_ACT, total);
     if (!buf) return PL_ENOMEM;
     for (int f = 0; f < ACT_COUNT; f++) {
         if (!need[f]) continue;

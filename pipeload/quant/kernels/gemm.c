@@ -18,7 +18,6 @@
 #include "pl.h"
 
 #if defined(PL_AVX512VNNI)
-#include <pthread.h>
 
 #define PANEL 32            /* weight rows per panel: two registers of 16 lanes */
 #define MR_K 4              /* activation rows per register tile (K-quants) */
@@ -345,33 +344,10 @@ typedef struct {
     int *failed;  /* set when a worker cannot allocate its panel (the call then returns PL_ENOMEM) */
 } gemm_job;
 
-static pthread_key_t panel_key;
-static pthread_once_t panel_once = PTHREAD_ONCE_INIT;
-typedef struct { uint8_t *p; int64_t n; } panel_buf;
-static void panel_free(void *s) { if (s) { free(((panel_buf *)s)->p); free(s); } }
-static void panel_init(void) { pthread_key_create(&panel_key, panel_free); }
-
-static uint8_t *panel_scratch(int64_t n) {
-    pthread_once(&panel_once, panel_init);
-    panel_buf *s = pthread_getspecific(panel_key);
-    if (!s) {
-        s = calloc(1, sizeof *s);
-        if (!s || pthread_setspecific(panel_key, s)) { free(s); return NULL; }
-    }
-    if (s->n < n) {
-        void *p = NULL;
-        if (posix_memalign(&p, 64, (size_t)n)) return NULL;
-        free(s->p);
-        s->p = p;
-        s->n = n;
-    }
-    return s->p;
-}
-
 static void gemm_task(const void *arg, int64_t p0, int64_t p1) {
     const gemm_job *j = arg;
     int64_t panel_bytes = j->L.nblocks * j->L.block_bytes;
-    uint8_t *panel = panel_scratch(panel_bytes + 16 * j->k + 64);
+    uint8_t *panel = pl_thread_scratch(PL_SCRATCH_PANEL, panel_bytes + 16 * j->k + 64);
     if (!panel) {
         __atomic_store_n(j->failed, 1, __ATOMIC_RELAXED);
         return;
@@ -419,7 +395,7 @@ int pl_gemm_run(const pl_type *t, const uint8_t *w, int64_t stride, int64_t n, i
     if (t->block == 1) return PL_ETYPE;
     int failed = 0;
     gemm_job j = {t, layout_of(t, k), w, stride, n, k, a->m, a, xs, y, y_bf16, ldy, &failed};
-    if (!panel_scratch(pl_gemm_panel_bytes(t, k))) return PL_ENOMEM;  /* this thread's; workers check theirs */
+    if (!pl_thread_scratch(PL_SCRATCH_PANEL, pl_gemm_panel_bytes(t, k))) return PL_ENOMEM;  /* this thread's; workers check theirs */
     pl_pool_run(gemm_task, &j, (n + PANEL - 1) / PANEL, 1, nthreads);
     return __atomic_load_n(&failed, __ATOMIC_RELAXED) ? PL_ENOMEM : PL_OK;
 }

@@ -216,4 +216,10 @@ typedef void (*pl_task_fn)(const void *args, int64_t i0, int64_t i1);
  * index is handled by exactly one call. */
 void pl_pool_run(pl_task_fn fn, const void *args, int64_t n, int64_t align, int nthreads);
 
+/* A per-thread, 64-byte-aligned buffer of at least n bytes (grown, never shrunk, freed when its
+ * thread ends), one per slot so a caller's activations and a worker's GEMM panel never share one.
+ * NULL when it cannot be allocated. */
+enum { PL_SCRATCH_ACT, PL_SCRATCH_PANEL, PL_SCRATCH_SLOTS };
+uint8_t *pl_thread_scratch(int slot, int64_t n);
+
 #endif

@@ -123,3 +123,34 @@ void pl_pool_run(pl_task_fn fn, const void *args, int64_t n, int64_t align, int 
     while (atomic_load(&P.active) > 0) sched_yield();  /* no worker touches this job after we return */
     pthread_mutex_unlock(&P.run_mu);
 }
+
+/* ---- per-thread scratch buffers ---- */
+
+typedef struct { uint8_t *p[PL_SCRATCH_SLOTS]; int64_t n[PL_SCRATCH_SLOTS]; } scratch_set;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *v) {
+    scratch_set *s = v;
+    if (!s) return;
+    for (int i = 0; i < PL_SCRATCH_SLOTS; i++) free(s->p[i]);
+    free(s);
+}
+static void scratch_init(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+uint8_t *pl_thread_scratch(int slot, int64_t n) {
+    pthread_once(&scratch_once, scratch_init);
+    scratch_set *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s || pthread_setspecific(scratch_key, s)) { free(s); return NULL; }
+    }
+    if (s->n[slot] < n) {
+        void *p = NULL;
+        if (posix_memalign(&p, 64, (size_t)n)) return NULL;
+        free(s->p[slot]);
+        s->p[slot] = p;
+        s->n[slot] = n;
+    }
+    return s->p[slot];
+}
