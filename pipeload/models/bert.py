@@ -103,10 +103,8 @@ class Block(nn.Module):
         self._act = activation(args.hidden_act, "BERT")
 
     def attention(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        B, T, D = x.shape
-        H, hd = self.args.n_heads, self.args.head_dim
-        q, k, v = (y.view(B, T, H, hd).transpose(1, 2) for y in self.qkv(x))  # each (B, H, T, hd)
-        return self.attn_output(bidirectional_attention(q, k, v, step.mask))  # (B, T, D)
+        q, k, v = self.qkv(x)
+        return self.attn_output(bidirectional_attention(q, k, v, self.args.n_heads, self.args.head_dim, step.mask))
 
     def forward(self, x: torch.Tensor, step: StepInputs, kv: None = None) -> torch.Tensor:
         h = self.attn_output_norm(x + self.attention(x, step))

@@ -275,16 +275,18 @@ def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 # Encoders (BERT, ViT): every token attends to every other token of its own input
 
 
-def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int, head_dim: int,
                             key_mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of q over k, v (each (B, H, T, hd)) with no causal order -> (B, T, H*hd).
+    """Attention of q over k, v (each (B, T, n_heads * head_dim), split into heads here) with no
+    causal order -> (B, T, n_heads * head_dim).
 
     key_mask (B, 1, 1, T) bool is True for the real tokens of each input and False for padding,
     so a padded input attends to exactly its own tokens (padded query rows are computed but mean
     nothing); None: every input fills all T positions."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, T, hd)
-    B, H, T, hd = out.shape
-    return out.transpose(1, 2).reshape(B, T, H * hd)
+    B, T, _ = q.shape
+    q, k, v = (y.view(B, T, n_heads, head_dim).transpose(1, 2) for y in (q, k, v))  # each (B, H, T, hd)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)               # (B, H, T, hd)
+    return out.transpose(1, 2).reshape(B, T, n_heads * head_dim)
 
 
 # config.json `hidden_act` -> the function (exact erf GELU for "gelu", as transformers)
