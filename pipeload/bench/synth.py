@@ -160,20 +160,26 @@ def write_synthetic_gguf(path: str | os.PathLike, shape: LlamaShape, mix: str = 
         add_value(w, f"llama.{k}", v)
     add_value(w, "llama.vocab_size", shape.vocab)  # without a tokenizer, llama.cpp sizes its vocabulary from this
     add_value(w, "tokenizer.ggml.model", "none")
-    for name, shp in shapes.items():
-        qt = types[name]
+    tensors = {name: (shp, types[name]) for name, shp in shapes.items()}
+    return write_random_tensors(w, path, tensors, lambda name, shp, qt: random_tensor(rng, qt, shp, std), progress)
+
+
+def write_random_tensors(w: GGUFWriter, path: Path, tensors: dict, make, progress=None) -> Path:
+    """Declare `tensors` (name -> (shape, GGML type)) in `w`, whose metadata is already added, and
+    write the file atomically (a .partial file renamed into place), each tensor's bytes from
+    make(name, shape, qtype), in order."""
+    for name, (shp, qt) in tensors.items():
         block, size = GGML_QUANT_SIZES[qt]
-        nbytes = int(np.prod(shp)) // block * size
-        w.add_tensor_info(name, shp, np.dtype(np.float32), nbytes, raw_dtype=qt)
+        w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) // block * size, raw_dtype=qt)
     tmp = path.with_name(path.name + ".partial")
     try:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for k, (name, shp) in enumerate(shapes.items()):
-            w.write_tensor_data(random_tensor(rng, types[name], shp, std))
+        for k, (name, (shp, qt)) in enumerate(tensors.items()):
+            w.write_tensor_data(make(name, shp, qt))
             if progress:
-                progress(k + 1, len(shapes))
+                progress(k + 1, len(tensors))
         w.close()
         os.replace(tmp, path)
     finally:

@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFWriter
 
 from ..weights.gguf_export import add_value
-from .synth import random_tensor
+from .synth import random_tensor, write_random_tensors
 
 
 @dataclass(frozen=True)
@@ -124,26 +124,9 @@ def write_moe_gguf(path: str | os.PathLike, s: MoEShape, mix: str = "q4_k_m", se
         add_value(w, f"{arch}.{k}", v)
     add_value(w, f"{arch}.vocab_size", s.vocab)  # without a tokenizer, llama.cpp sizes its vocabulary from this
     add_value(w, "tokenizer.ggml.model", "none")
-    for name, (shp, qt) in plan.items():
-        block, size = GGML_QUANT_SIZES[qt]
-        w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) // block * size, raw_dtype=qt)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for k, (name, (shp, qt)) in enumerate(plan.items()):
-            if name.endswith("ffn_gate_inp.weight"):
-                data = _router(rng, s, std, router_skew)
-            else:  # a stack of experts at once: at most a few hundred MB for the largest shapes
-                data = random_tensor(rng, qt, shp, std)
-            w.write_tensor_data(data)
-            if progress:
-                progress(k + 1, len(plan))
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        w.close()
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    def make(name, shp, qt):
+        if name.endswith("ffn_gate_inp.weight"):
+            return _router(rng, s, std, router_skew)
+        return random_tensor(rng, qt, shp, std)  # a stack of experts at once: a few hundred MB at most
+
+    return write_random_tensors(w, path, plan, make, progress)
