@@ -14,7 +14,10 @@ from .runtime.engine import Engine, load_engine
 from .runtime.generation import GenerationResponse, GenerationStats, stream_generate
 from .runtime.sampling import SamplingParams
 
-DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# the activations' dtype; weights are computed on as stored either way, except in "reference"
+# (float32 activations on every matrix dequantized to float32: the exact path, slow and large)
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "reference": torch.float32}
 
 
 def builtin_model_path(name: str = "main") -> Path:
@@ -67,6 +70,9 @@ class PipelineModel:
         if cluster is not None:
             from .cluster.launch import connect_cluster
 
+            if dtype == "reference":
+                raise ValueError("dtype 'reference' (weights dequantized to float32) runs on one machine only; "
+                                 "use float32 or bfloat16 with a cluster")
             engine = connect_cluster(builtin_model_path() if path is None else path, cluster, workers, parallel,
                                      DTYPES[dtype], context=ctx, batch=batch_size or 1, token=cluster_token)
             options = {"dtype": dtype, "batch_size": batch_size, "ctx": ctx, "cluster": cluster, "workers": workers,
@@ -75,7 +81,7 @@ class PipelineModel:
         engine = load_engine(builtin_model_path() if path is None else path, DTYPES[dtype],
                              memory_limit=parse_size(memory_limit), context=ctx, batch=batch_size,
                              prefetch_depth=prefetch_depth, parallel_loading=parallel_loading, io_mode=io_mode,
-                             expert_policy=expert_policy)
+                             expert_policy=expert_policy, exact=dtype == "reference")
         options = {"dtype": dtype, "memory_limit": memory_limit, "prefetch_depth": prefetch_depth,
                    "parallel_loading": parallel_loading, "batch_size": batch_size, "ctx": ctx}
         return cls(engine, engine.spec.load_tokenizer(), options)

@@ -14,9 +14,9 @@ from .errors import PipeloadError
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: float32 for F32 files, else bfloat16 activations on the weights as stored; "
-                        "float32: every weight dequantized to float32 (the exact reference: slow, large)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "reference"],
+                   help="the activations' dtype, on the weights as stored (auto: float32 for F32 files, else "
+                        "bfloat16); reference: float32 on every weight dequantized to float32 (exact, slow, large)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -203,7 +203,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from .runtime.probe import probe
     from .runtime.spec import open_model
 
-    spec = open_model(a.model, None if a.dtype == "auto" else getattr(torch, a.dtype))
+    spec = open_model(a.model, None if a.dtype in ("auto", "reference") else getattr(torch, a.dtype),
+                      exact=a.dtype == "reference")
     ckpt, args, dtype = spec.checkpoint, spec.args, spec.dtype
     context = min(a.ctx or args.context_length, args.context_length)
     plan = make_plan(spec, parse_size(a.memory_limit), current_rss(), context, a.batch, a.prefetch_depth)
@@ -357,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help="context positions to reserve (default: the model's)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--prefetch-depth", type=int, default=2, help="streamed groups read ahead (default 2)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "reference"])
     p.add_argument("--cluster", default=None, metavar="NODES.yaml",
                    help="plan layers over the nodes of this file (see pipeload/cluster/cli.py): pipeline and "
                         "tensor-parallel predictions")

@@ -17,7 +17,7 @@ GOLDEN = [325, 65, 608, 10, 380, 309, 274, 367, 669, 270, 491, 15, 2125, 573, 16
 
 @pytest.fixture(scope="module")
 def exact():
-    return PipelineModel.from_pretrained(dtype="float32")
+    return PipelineModel.from_pretrained(dtype="reference")
 
 
 def test_golden_greedy_continuation(exact):

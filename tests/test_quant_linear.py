@@ -90,7 +90,7 @@ def test_quantized_model_default_path_stays_close_to_the_float32_reference(tmp_p
     for quant in ("q4_k", "q8_0"):
         path = tmp_path / f"{quant}.gguf"
         convert(tmp_path / "hf", path, quant=quant)
-        exact = load_engine(path, dtype=torch.float32)
+        exact = load_engine(path, exact=True)
         default = load_engine(path)
         assert default.dtype == torch.bfloat16
         q = default.executor.layers.blocks[0].attn_q.weight

@@ -80,10 +80,9 @@ def run(args: argparse.Namespace) -> int:
     runtimes = {"both": ["exact", "default"], "exact": ["exact"], "default": ["default"]}[args.runtime]
     results: dict[str, dict] = {m: {"file": str(files[m]), "bytes": files[m].stat().st_size, **reports.get(m, {})}
                                 for m in methods}
-    base = load_engine(src, dtype=torch.float32)
+    base = load_engine(src, exact=True)
     for runtime in runtimes:
-        dtype = torch.float32 if runtime == "exact" else None
-        engines = {m: load_engine(files[m], dtype=dtype) for m in methods}
+        engines = {m: load_engine(files[m], exact=runtime == "exact") for m in methods}
         t0 = time.perf_counter()
         scores = compare(engines, base, ids, args.ctx, args.stride)
         print(f"[quality] {runtime}: {len(methods)} models on {len(ids)} tokens in {time.perf_counter() - t0:.0f} s",

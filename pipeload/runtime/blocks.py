@@ -11,9 +11,10 @@ same bytes). The block is always the architecture's own, fused one.
 
 What a stored tensor becomes:
 - a Linear's matrix: a GGMLWeight over the bytes as stored, any type (quantized, F16, BF16,
-  F32), a view: nothing copied. New memory only where those bytes cannot serve: the float32
-  reference mode (dtype float32: every matrix dequantized to F32 once, so the exact path runs
-  through ops too), and checkpoint matrices stored transposed (GPT-2's Conv1D in HF folders:
+  F32), a view: nothing copied, whatever the activations' dtype (float32 or bfloat16). New
+  memory only where those bytes cannot serve: the exact reference mode (spec.exact, dtype
+  "reference": every matrix dequantized to F32 once, float32 products, no integer dot products),
+  and checkpoint matrices stored transposed (GPT-2's Conv1D in HF folders:
   the transpose is materialized once at load for a resident layer, once per read for a
   streamed one).
 - an Embedding's table: a GGMLWeight as stored; only the rows looked up are decoded.
@@ -58,7 +59,7 @@ def build_block(spec, i: int, source: TensorBytes, shard: ShardSpec | None = Non
 
         attach_moe(block, spec, i, source, experts, where)
     else:
-        attach(block, source, prefix, spec.dtype, where)
+        attach(block, source, prefix, spec.dtype, where, exact=spec.exact)
     return block
 
 
@@ -80,13 +81,13 @@ def build_outer(spec, embed: TensorBytes | None = None, head: TensorBytes | None
             model.token_embd.weight = GGMLWeight(GGMLQuantizationType[token_rows.ref.info.dtype],
                                                  tuple(token_rows.ref.shape), token_rows)
             model.token_embd.dtype = spec.dtype
-        attach(model, embed, "", spec.dtype, f"{spec.path}: embeddings", only=names)
+        attach(model, embed, "", spec.dtype, f"{spec.path}: embeddings", only=names, exact=spec.exact)
     if head is not None:
         if shard is not None:
             head = shard_tensors(head, shard, "", tensor_parallel_plan(spec))
             if into is None:
                 model.output = Linear(spec.args.dim, shard.vocab[1] - shard.vocab[0])
-        attach(model, head, "", spec.dtype, f"{spec.path}: head", only=spec.head_names)
+        attach(model, head, "", spec.dtype, f"{spec.path}: head", only=spec.head_names, exact=spec.exact)
     return model
 
 
@@ -117,9 +118,10 @@ def _slots(module: nn.Module, only: tuple[str, ...] | None) -> dict[str, tuple[s
 
 
 def attach(module: nn.Module, source: TensorBytes, prefix: str, dtype: torch.dtype, where: str,
-           only: tuple[str, ...] | None = None) -> None:
+           only: tuple[str, ...] | None = None, exact: bool = False) -> None:
     """Give `module` its tensors from `source` (file names = prefix + the module's own names);
-    `only` limits which of the module's tensors are expected (by name prefix). Raises
+    `only` limits which of the module's tensors are expected (by name prefix); `exact`: matrices
+    dequantized to float32 (the reference mode). Raises
     UnsupportedModelError for tensors the module does not take, ModelFileError for missing
     tensors or wrong shapes."""
     slots = _slots(module, only)
@@ -137,7 +139,7 @@ def attach(module: nn.Module, source: TensorBytes, prefix: str, dtype: torch.dty
             raise ModelFileError(f"{where}: tensor {name!r} has shape {list(ref.shape)}, "
                                  f"the configuration implies {list(shape)}")
         if kind == "matrix":
-            owner.weight = matrix_weight(ref, data, dtype)
+            owner.weight = matrix_weight(ref, data, exact)
         elif kind == "table":
             owner.weight, owner.dtype = table_weight(ref, data), dtype
         else:
@@ -151,15 +153,22 @@ def _put(owner: nn.Module, leaf: str, value: torch.Tensor) -> None:
         setattr(owner, leaf, value)
 
 
-def matrix_weight(ref, data: torch.Tensor, dtype: torch.dtype) -> GGMLWeight:
-    """A Linear's GGMLWeight: the stored bytes themselves where they can serve, else (float32
+def materialized_type(ref, exact: bool) -> str | None:
+    """The float type ("F32", "F16", "BF16") a stored matrix is materialized in by matrix_weight,
+    or None when its stored bytes serve as they are. The planners count these copies."""
+    stored = ref.info.dtype
+    if stored in GGMLQuantizationType.__members__ and ref.transform is None and (not exact or stored == "F32"):
+        return None
+    return stored if stored in FLOAT_TYPES and not exact else "F32"
+
+
+def matrix_weight(ref, data: torch.Tensor, exact: bool = False) -> GGMLWeight:
+    """A Linear's GGMLWeight: the stored bytes themselves where they can serve, else (the exact
     reference mode, transposed or non-GGML storage) the values materialized once."""
     n, k = ref.shape
-    stored = ref.info.dtype
-    as_stored = stored in GGMLQuantizationType.__members__ and (dtype != torch.float32 or stored == "F32")
-    if as_stored and ref.transform is None:
-        return GGMLWeight(GGMLQuantizationType[stored], (n, k), data.view(n, -1))  # (N, row bytes), a view
-    keep = stored if stored in FLOAT_TYPES and dtype != torch.float32 else "F32"
+    keep = materialized_type(ref, exact)
+    if keep is None:
+        return GGMLWeight(GGMLQuantizationType[ref.info.dtype], (n, k), data.view(n, -1))  # (N, row bytes), a view
     values = decode_tensor(ref, data, {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[keep])
     shares = values.untyped_storage().data_ptr() == data.untyped_storage().data_ptr()
     return float_weight(values.clone() if shares else values)

@@ -113,17 +113,17 @@ def load_layers(spec: ModelSpec, resident: list[str], streamed: list[str], io_mo
 def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memory_limit: int | None = None,
                 context: int | None = None, batch: int | None = None, prefetch_depth: int = 2,
                 parallel_loading: bool = True, io_mode: str = "auto", expert_policy: str = "lru",
-                guess_experts: bool = True) -> Engine:
+                guess_experts: bool = True, exact: bool = False) -> Engine:
     """Open a GGUF file or HF folder and make it runnable; raises PipeloadError subclasses.
 
     dtype None picks float32 for all-F32 files, else bfloat16; weights are computed on as the
-    file stores them. With memory_limit (bytes), the planner decides which layer groups stay
+    file stores them (`exact`: the reference mode, every matrix dequantized to float32). With memory_limit (bytes), the planner decides which layer groups stay
     resident and which stream from the file through a prefetch ring; for a mixture of experts
     that does not fit, routed experts are read on demand into an expert cache evicting by
     `expert_policy` ("lru" or "lfu"), the next layer's experts guessed ahead if `guess_experts`."""
     if expert_policy not in ("lru", "lfu"):
         raise ValueError(f"expert_policy must be 'lru' or 'lfu', got {expert_policy!r}")
-    spec = open_model(path, dtype)
+    spec = open_model(path, dtype, exact)
     args = spec.args
     if batch is None:  # an encoder's pass serves many inputs; a decoder's KV cache is sized for one
         batch = 32 if spec.is_encoder else 1

@@ -252,7 +252,7 @@ class ExpertCache:
             piece = pieces[part]
             at = self.geometry.regions[part] + piece.offset - _span(piece)[0]
             raw.append(buf[at:at + piece.nbytes])
-        return expert_weights(pieces, raw, self.spec.args.expert_ffn_dim, self.spec.args.dim, self.spec.dtype,
+        return expert_weights(pieces, raw, self.spec.args.expert_ffn_dim, self.spec.args.dim, self.spec.exact,
                               self.where)
 
     def _take_slot(self) -> int | None:
@@ -418,6 +418,6 @@ def router_guides(spec, blocks: dict[int, nn.Module], reader: RangeReader, io_mo
         skeleton = spec.arch.Block(spec.args, i)
         guide = _Guide(skeleton.ffn_norm, skeleton.ffn_gate_inp)
         attach(guide, read_resident(guide_layout(spec.index.block(i)), reader, io_mode), f"blk.{i}.", spec.dtype,
-               f"{spec.path}: layer {i} router")
+               f"{spec.path}: layer {i} router", exact=spec.exact)
         out[i] = (guide.ffn_norm, guide.ffn_gate_inp)
     return out

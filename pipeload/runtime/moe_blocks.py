@@ -27,25 +27,25 @@ def attach_moe(block: nn.Module, spec, layer: int, source: TensorBytes, experts,
 
     sparse = sparse_layers(block)
     routed = {n: v for n, v in source.items() if is_routed_expert(n)}
-    attach(block, {n: v for n, v in source.items() if n not in routed}, f"blk.{layer}.", spec.dtype, where)
+    attach(block, {n: v for n, v in source.items() if n not in routed}, f"blk.{layer}.", spec.dtype, where, exact=spec.exact)
     if experts is None:
         if not routed:
             raise ModelFileError(f"{where}: missing the routed expert tensors (blk.{layer}.ffn_{{gate,up,down}}_exps)")
-        experts = held_experts(routed, sparse[0].cfg, spec.args.dim, layer, spec.dtype, where)
+        experts = held_experts(routed, sparse[0].cfg, spec.args.dim, layer, spec.exact, where)
     for moe in sparse:
         moe.experts = experts
 
 
-def held_experts(routed: TensorBytes, cfg, dim: int, layer: int, dtype: torch.dtype, where: str) -> HeldExperts:
+def held_experts(routed: TensorBytes, cfg, dim: int, layer: int, exact: bool, where: str) -> HeldExperts:
     """Every expert of a layer as GGMLWeights over views of its stored bytes (`routed`: the
     layer's routed-expert tensors); raises ModelFileError on missing experts or wrong shapes."""
     data = {ref.name: raw for ref, raw in routed.values()}
     pieces = expert_pieces([ref for ref, _ in routed.values()], cfg.n_experts, layer)
     return HeldExperts([expert_weights(p, [p[part].view(data[p[part].ref.name]) for part in EXPERT_PARTS],
-                                       cfg.ffn_dim, dim, dtype, where) for p in pieces])
+                                       cfg.ffn_dim, dim, exact, where) for p in pieces])
 
 
-def expert_weights(pieces: dict, raw: list[torch.Tensor], ffn_dim: int, dim: int, dtype: torch.dtype,
+def expert_weights(pieces: dict, raw: list[torch.Tensor], ffn_dim: int, dim: int, exact: bool,
                    where: str) -> tuple[GGMLWeight, GGMLWeight, GGMLWeight]:
     """(gate, up, down) GGMLWeights of one expert from its pieces (weights/experts.py) and their
     bytes; raises ModelFileError when a matrix is not (ffn_dim, dim) / (dim, ffn_dim)."""
@@ -58,5 +58,5 @@ def expert_weights(pieces: dict, raw: list[torch.Tensor], ffn_dim: int, dim: int
         if tuple(ref.shape) != want:
             raise ModelFileError(f"{where}: expert matrix {ref.name} has shape {list(ref.shape)}, the configuration "
                                  f"implies {list(want)}")
-        out.append(matrix_weight(ref, data, dtype))
+        out.append(matrix_weight(ref, data, exact))
     return tuple(out)

@@ -65,12 +65,10 @@ def describe_resident_experts(spec, plan) -> None:
 
 
 def _expert_materialized(spec) -> int:
-    """Float32 copies one cached expert needs beside its bytes (the float32 reference mode on a
+    """Float32 copies one cached expert needs beside its bytes (the exact reference mode on a
     file whose experts are stored in another type), else 0."""
-    import torch
-
     ref = next(t for t in spec.index.block(0).tensors if is_routed_expert(t.name))
-    if spec.dtype != torch.float32 or ref.info.dtype == "F32":
+    if not spec.exact or ref.info.dtype == "F32":
         return 0
     return 3 * spec.args.expert_ffn_dim * spec.args.dim * 4
 
@@ -88,7 +86,7 @@ def make_moe_plan(spec, budget: int, everything):
     dense = {name: layout.nbytes for name, layout in group_layouts(spec.index, routed_experts=False).items()
              if name != "embed"}
     guides = {f"blk.{i}": guide_layout(spec.index.block(i)).nbytes for i in range(a.n_layers)}
-    materialized = {name: sum(_materialized(r, spec.dtype) for r in group.tensors
+    materialized = {name: sum(_materialized(r, spec.exact) for r in group.tensors
                               if len(r.shape) == 2 and r.name.endswith(".weight") and not is_routed_expert(r.name))
                     for name, group in spec.index.groups.items() if name != "embed"}
     per_slot = geometry.slot_bytes + _expert_materialized(spec)

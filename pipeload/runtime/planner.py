@@ -203,14 +203,12 @@ def size_runs(sizes: dict[str, int]) -> str:
     return ", ".join(out)
 
 
-def _materialized(ref, dtype: torch.dtype) -> int:
+def _materialized(ref, exact: bool) -> int:
     """Bytes of new memory a stored matrix becomes (runtime/blocks.py matrix_weight), else 0."""
-    stored = ref.info.dtype
-    as_stored = stored in GGMLQuantizationType.__members__ and (dtype != torch.float32 or stored == "F32")
-    if as_stored and ref.transform is None:
-        return 0
-    size = 4 if dtype == torch.float32 or stored not in ("F16", "BF16") else 2
-    return math.prod(ref.shape) * size
+    from .blocks import materialized_type
+
+    kind = materialized_type(ref, exact)
+    return 0 if kind is None else math.prod(ref.shape) * (4 if kind == "F32" else 2)
 
 
 def group_sizes(spec, shard=None) -> tuple[int, dict[str, int], tuple[int, int], dict[str, int]]:
@@ -229,7 +227,7 @@ def group_sizes(spec, shard=None) -> tuple[int, dict[str, int], tuple[int, int],
         if shard is not None:
             spans[name] = int(sum(r.info.nbytes * share[r.name] for r in group.tensors if r not in layouts[name].shared))
         matrices = [r for r in group.tensors if len(r.shape) == 2 and r.name.endswith(".weight")]
-        materialized[name] = int(sum(_materialized(r, spec.dtype) * share[r.name] for r in matrices))
+        materialized[name] = int(sum(_materialized(r, spec.exact) * share[r.name] for r in matrices))
         largest = max([largest, *(tuple(r.shape) for r in matrices)], key=math.prod)
     return layouts["embed"].nbytes, spans, largest, materialized
 

@@ -33,8 +33,9 @@ class ModelSpec:
     arch: ModuleType
     args: Any
     index: WeightsIndex
-    dtype: torch.dtype                # compute dtype of activations (float32: the exact reference path)
+    dtype: torch.dtype                # compute dtype of activations, on the weights as stored
     name_rules: list                  # the architecture's HF_NAME_RULES (plain data; unused for GGUF)
+    exact: bool = False               # the reference mode: every matrix dequantized to float32 (dtype float32)
 
     @property
     def path(self) -> Path:
@@ -112,8 +113,9 @@ def compute_dtype(ckpt: Checkpoint, requested: torch.dtype | None) -> torch.dtyp
     return torch.float32 if all_f32 else torch.bfloat16
 
 
-def open_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> ModelSpec:
-    """The ModelSpec of a GGUF file or Hugging Face folder; raises ModelFileError (missing,
+def open_model(path: str | os.PathLike, dtype: torch.dtype | None = None, exact: bool = False) -> ModelSpec:
+    """The ModelSpec of a GGUF file or Hugging Face folder (`exact`: the reference mode, float32
+    activations on every matrix dequantized to float32); raises ModelFileError (missing,
     truncated or corrupt files, bad settings) or UnsupportedModelError (unknown architecture,
     tensors the architecture does not use)."""
     ckpt = open_checkpoint(path)
@@ -121,8 +123,8 @@ def open_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Mod
     rules = list(getattr(arch, "HF_NAME_RULES", []))
     index = build_index(ckpt, args.n_layers, rules, args.tie_embeddings, getattr(arch, "EMBED_NAMES", EMBED_NAMES),
                         getattr(arch, "HEAD_NAMES", HEAD_NAMES))
-    return ModelSpec(checkpoint=ckpt, arch=arch, args=args, index=index, dtype=compute_dtype(ckpt, dtype),
-                     name_rules=rules)
+    dtype = torch.float32 if exact else compute_dtype(ckpt, dtype)
+    return ModelSpec(checkpoint=ckpt, arch=arch, args=args, index=index, dtype=dtype, name_rules=rules, exact=exact)
 
 
 class SpecView:
