@@ -15,8 +15,9 @@ from .errors import PipeloadError
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "reference"],
-                   help="the activations' dtype, on the weights as stored (auto: float32 for F32 files, else "
-                        "bfloat16); reference: float32 on every weight dequantized to float32 (exact, slow, large)")
+                   help="the activations' dtype, on the weights as stored (auto: float32); bfloat16 halves "
+                        "activations and KV cache; reference: float32 on every weight dequantized to float32 "
+                        "(exact, slow, large)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 

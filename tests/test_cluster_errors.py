@@ -98,3 +98,27 @@ def test_idle_longer_than_the_step_timeout_is_not_a_failure(two_models):
             assert m.engine.recoveries == []
         finally:
             m.close()
+
+
+def test_close_after_a_failed_start_tells_nobody_and_raises_nothing():
+    """A cluster whose first epoch failed to start (a worker died while loading, after the
+    process group formed) has no plan: close() (run at exit) must not fail on the missing ranks."""
+    from pipeload.cluster.coordinator import Coordinator
+
+    class Store(dict):
+        def set(self, key, value):
+            self[key] = value
+
+    class Channel:
+        sent = []
+
+        def send(self, message, rank):
+            self.sent.append(rank)
+
+    for mode in ("tensor", "pipeline"):
+        store = Store()
+        coord = Coordinator(store, store, None, {1: {}, 2: {}}, mode, "fp")
+        coord.channel = Channel()
+        assert coord.entry_ranks == [] and coord.exit_ranks == []
+        coord.close(timeout=0.1)
+        assert coord.closed and store["shutdown"] == "1" and Channel.sent == []

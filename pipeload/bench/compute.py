@@ -29,7 +29,7 @@ FORMATS = ["q4_k_m", "q8_0", "q6_k", "q5_k_m", "q4_0", "f16"]
 REAL_MODELS = ["qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"]  # in ~/.cache/pipeload/models (shared/models/fetch.sh)
 
 _PIPELOAD = r"""
-import json, sys, time
+import json, os, sys, time
 import pipeload, torch
 from pipeload import PipelineModel
 from pipeload.models.common import Embedding
@@ -39,7 +39,7 @@ from pipeload.runtime.memory import peak_rss
 path, threads, prompts, gen = sys.argv[1], int(sys.argv[2]), [int(p) for p in sys.argv[3].split(",")], int(sys.argv[4])
 torch.set_num_threads(threads)
 t0 = time.perf_counter()
-model = PipelineModel.from_pretrained(path)
+model = PipelineModel.from_pretrained(path, dtype=os.environ.get("PIPELOAD_BENCH_DTYPE", "auto"))
 load_s = time.perf_counter() - t0
 eng = model.engine
 g = torch.Generator().manual_seed(0)
@@ -127,7 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="128,512", help="prompt lengths (default 128,512)")
     p.add_argument("--gen", type=int, default=128, help="tokens generated (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="runs per engine and file, alternating (default 3)")
-    p.add_argument("--engines", default="pipeload,llama.cpp", help="which engines (default both)")
+    p.add_argument("--engines", default="pipeload,llama.cpp",
+                   help="which engines (default both; pipeload-bf16: pipeload with bfloat16 activations)")
     p.add_argument("--models", default=None,
                    help="comma-separated GGUF files to race as well (default: the real models of REAL_MODELS "
                         "found in ~/.cache/pipeload/models; '' for none)")
@@ -186,7 +187,11 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = median(bandwidths)
     print(f"[compute] memory bandwidth {bandwidth / 1e9:.1f} GB/s ({args.threads} threads); load {load_before:.2f}",
           flush=True)
-    code = {"pipeload": _PIPELOAD, "llama.cpp": _LLAMA_CPP}
+    code = {"pipeload": _PIPELOAD, "pipeload-bf16": _PIPELOAD, "llama.cpp": _LLAMA_CPP}
+    envs = {"pipeload": env, "pipeload-bf16": {**env, "PIPELOAD_BENCH_DTYPE": "bfloat16"}}
+    unknown = set(engines) - set(code)
+    if unknown:
+        raise SystemExit(f"bench compute: unknown engines {sorted(unknown)}; choose from {', '.join(code)}")
     results: dict[str, dict[str, list[dict]]] = {f: {e: [] for e in engines} for f in formats}
     for rep in range(args.repeats):
         for f in formats:
@@ -194,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 before = load_average()
                 t0 = time.perf_counter()
                 r = run_child(code[e], files[f], args.threads, args.prompts, args.gen,
-                              env=env if e == "pipeload" else None)
+                              env=envs.get(e))
                 r.update(load_before=before, load_after=load_average(), seconds=time.perf_counter() - t0)
                 results[f][e].append(r)
                 print(f"[compute] {f} {e} run {rep + 1}: " + ", ".join(f"{t} {r[t]:.1f}" for t in tests)
@@ -206,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         read_bytes = {"llama.cpp": gguf_read_bytes(files[f])}
         for e in engines:
             runs = results[f][e]
-            if e == "pipeload" and runs:
+            if e in envs and runs:
                 read_bytes[e] = runs[0]["read_bytes_per_token"]
             for t in tests:
                 values = [r[t] for r in runs]

@@ -118,13 +118,14 @@ class Coordinator:
 
     # -- routing ---------------------------------------------------------------------------------
 
+    # (no ranks before the first epoch has started: a cluster whose start failed has nobody to tell)
     @property
     def entry_ranks(self) -> list[int]:
-        return self.plan["tp_ranks"] if self.mode == "tensor" else self.plan["order"][:1]
+        return self.plan.get("tp_ranks", []) if self.mode == "tensor" else self.plan.get("order", [])[:1]
 
     @property
     def exit_ranks(self) -> list[int]:
-        return self.plan["tp_ranks"] if self.mode == "tensor" else self.plan["order"][-1:]
+        return self.plan.get("tp_ranks", []) if self.mode == "tensor" else self.plan.get("order", [])[-1:]
 
     # -- epochs ----------------------------------------------------------------------------------
 

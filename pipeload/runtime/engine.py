@@ -116,8 +116,9 @@ def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memor
                 guess_experts: bool = True, exact: bool = False) -> Engine:
     """Open a GGUF file or HF folder and make it runnable; raises PipeloadError subclasses.
 
-    dtype None picks float32 for all-F32 files, else bfloat16; weights are computed on as the
-    file stores them (`exact`: the reference mode, every matrix dequantized to float32). With memory_limit (bytes), the planner decides which layer groups stay
+    dtype (the activations'; None: float32) never changes the weights: they are computed on as
+    the file stores them (`exact`: the reference mode, every matrix dequantized to float32).
+    With memory_limit (bytes), the planner decides which layer groups stay
     resident and which stream from the file through a prefetch ring; for a mixture of experts
     that does not fit, routed experts are read on demand into an expert cache evicting by
     `expert_policy` ("lru" or "lfu"), the next layer's experts guessed ahead if `guess_experts`."""
