@@ -16,8 +16,10 @@ reads them: a later step at position q attends to keys 0..q only and overwrites 
 
 Drafts: `ModelDraft` (a small resident model with the target's vocabulary, its own KV cache) and
 `PromptLookup` (n-gram matches in the prompt and the text so far; no model). With
-draft_tokens="auto", k follows the measured acceptance: up after a fully accepted round, down to
-one more than what was accepted otherwise.
+draft_tokens="auto", `DraftLength` picks each round's k from what this run measured: the
+acceptance rate, the seconds of a draft token and of a target pass over 1 + k positions (a
+streamed target's pass costs seconds and long drafts pay; a resident one's costs about a draft
+step and short ones do).
 
 Sampling (temperature > 0) is not speculated here: the caller decodes it plainly
 (runtime/generation.py), so sampled output stays exactly the target's.
@@ -35,16 +37,18 @@ from .engine import Engine
 from .memory import peak_rss
 from .sampling import Sampler, SamplingParams
 
-AUTO_START = 4      # first k with draft_tokens="auto"
-AUTO_MAX = 16       # largest k "auto" grows to
+AUTO_MAX = 16       # largest k "auto" chooses
+AUTO_FIRST, FIRST_ROUNDS = 4, 4  # "auto" drafts this many tokens in its first rounds, to measure deep positions
+EXPLORE_EVERY = 8   # with "auto", every this many rounds propose one token more than the best k (to keep measuring)
+PRIOR_ACCEPT, PRIOR_WEIGHT = 0.8, 2.0  # acceptance assumed before measuring (as if 2 tries at 80%)
 LOOKUP_NGRAM = 3    # longest suffix prompt lookup matches (it falls back to shorter ones)
 
 
 class Draft(Protocol):
     name: str
 
-    def start(self, max_len: int) -> None:
-        """A new sequence of at most max_len positions begins."""
+    def start(self, prompt: list[int], max_len: int) -> None:
+        """A new sequence of at most max_len positions begins with `prompt`."""
         ...
 
     def propose(self, history: list[int], k: int) -> list[int]:
@@ -63,7 +67,7 @@ class PromptLookup:
             raise ValueError(f"prompt lookup needs an n-gram of at least 1 token, got {ngram}")
         self.ngram = ngram
 
-    def start(self, max_len: int) -> None:
+    def start(self, prompt: list[int], max_len: int) -> None:
         pass
 
     def propose(self, history: list[int], k: int) -> list[int]:
@@ -95,10 +99,15 @@ class ModelDraft:
         self.max_len, self.cache = 0, None
         self.fed: list[int] = []   # tokens whose keys the cache holds, positions 0..len-1
 
-    def start(self, max_len: int) -> None:
+    def start(self, prompt: list[int], max_len: int) -> None:
+        """A fresh cache, and the prompt but its last token fed (the first proposal feeds that)."""
         self.max_len = min(max_len, self.engine.context_length)
         self.cache = self.engine.new_cache(1, self.max_len)
-        self.fed = []
+        self.fed = list(prompt[:-1])
+        if self.fed:
+            n = len(self.fed)
+            self.engine.executor.forward(torch.tensor([self.fed]), torch.arange(n)[None], self.cache,
+                                         logit_index=torch.tensor([n - 1]))
 
     def propose(self, history: list[int], k: int) -> list[int]:
         if k < 1 or len(history) + k > self.max_len:
@@ -128,6 +137,61 @@ class ModelDraft:
         return out
 
 
+class DraftLength:
+    """k for the next round, from measured acceptance and costs: the k in 0..k_max that maximises
+    expected tokens per second, E(k) / (k * draft_token_s + pass_s(1 + k)). A round keeps
+    E(k) = 1 + sum_j prod_{i<=j} a_i tokens, a_i being the measured rate at which draft token i is
+    accepted once tokens 1..i-1 were (acceptance runs in streaks, so one rate for all would
+    underrate long drafts); a target pass over T positions costs pass_s(1) + slope * (T - 1),
+    both fitted to this run's passes. Every EXPLORE_EVERY rounds k is one more than the best, so
+    that longer drafts keep being measured."""
+
+    def __init__(self, k_max: int = AUTO_MAX):
+        self.k_max = k_max
+        self.tried = [0] * (k_max + 1)     # tried[i]: rounds in which draft token i was checked
+        self.kept = [0] * (k_max + 1)      # kept[i]: ... and accepted
+        self.draft_s = self.draft_n = 0.0
+        self.pass_s: dict[int, float] = {}  # T -> running mean seconds of a target pass over T positions
+        self.pass_n: dict[int, int] = {}
+        self.rounds = 0
+
+    def record(self, proposed: int, accepted: int, draft_seconds: float, pass_seconds: float) -> None:
+        for i in range(1, min(proposed, accepted + 1) + 1):
+            self.tried[i] += 1
+            self.kept[i] += i <= accepted
+        if proposed:
+            self.draft_s += draft_seconds
+            self.draft_n += proposed
+        T = 1 + proposed
+        n = self.pass_n.get(T, 0) + 1
+        self.pass_n[T] = n
+        self.pass_s[T] = self.pass_s.get(T, 0.0) + (pass_seconds - self.pass_s.get(T, 0.0)) / n
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a round with k draft tokens keeps, by the measured rates (smoothed by the prior;
+        a position not measured yet takes the rate of the one before)."""
+        total, run, a = 1.0, 1.0, PRIOR_ACCEPT
+        for i in range(1, k + 1):
+            if self.tried[i]:
+                a = (self.kept[i] + PRIOR_ACCEPT * PRIOR_WEIGHT) / (self.tried[i] + PRIOR_WEIGHT)
+            run *= a
+            total += run
+        return total
+
+    def next(self) -> int:
+        if 1 not in self.pass_s:  # measure a plain decode pass first
+            return 0
+        if self.tried[1] < FIRST_ROUNDS:
+            return min(AUTO_FIRST, self.k_max)
+        d = self.draft_s / self.draft_n if self.draft_n else 0.0
+        base = self.pass_s[1]
+        slopes = [(t - base) / (T - 1) for T, t in self.pass_s.items() if T > 1]
+        slope = max(sum(slopes) / len(slopes), 0.0) if slopes else 0.1 * base
+        best = max(range(self.k_max + 1), key=lambda k: self.expected_tokens(k) / (k * d + base + slope * k))
+        self.rounds += 1
+        return min(best + 1, self.k_max) if self.rounds % EXPLORE_EVERY == 0 else best
+
+
 class SpeculativeGenerator:
     """One sequence, greedy: yields [(0, token)] per token (like runtime.generation.TokenGenerator,
     several tokens per target pass). `finish(0)` stops it before its next token."""
@@ -149,9 +213,8 @@ class SpeculativeGenerator:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.engine, self.draft, self.prompt = engine, draft, list(prompt)
-        self.auto = draft_tokens == "auto"
-        self.k = AUTO_START if self.auto else int(draft_tokens)
-        self.k_max = AUTO_MAX if self.auto else self.k
+        self.length = DraftLength() if draft_tokens == "auto" else None
+        self.k_max = AUTO_MAX if self.length is not None else int(draft_tokens)
         self.stop_token_ids = stop_token_ids or set()
         self.sampler = Sampler(params, 1)
         self.stats = stats if stats is not None else GenerationStats()
@@ -180,10 +243,10 @@ class SpeculativeGenerator:
         n_prompt = len(history)
         room = n_prompt + self.budget + self.k_max  # drafts may run k past the last kept token
         cache = eng.new_cache(1, min(room, eng.context_length))
-        self.draft.start(cache.max_len)
         st.batch, st.prompt_tokens, st.batch_first_tokens = 1, n_prompt, 1
 
         t0 = time.perf_counter()
+        self.draft.start(history, cache.max_len)  # a draft model's prompt pass: part of the prompt's time
         logits = eng.executor.forward(torch.tensor([history]), torch.arange(n_prompt)[None], cache,
                                       logit_index=torch.tensor([n_prompt - 1]))         # (1, V)
         tok = self.sampler(logits, [history])[0]
@@ -195,16 +258,20 @@ class SpeculativeGenerator:
         yield [(0, tok)]
         while not ended and not self._requested_stop:
             pos = len(history) - 1  # the last token's position; its keys are not in the cache yet
-            k = min(self.k, self.budget - generated - 1, cache.max_len - 1 - pos)  # the round adds up to k + 1
+            k = self.length.next() if self.length is not None else self.k_max
+            k = min(k, self.budget - generated - 1, cache.max_len - 1 - pos)  # the round adds up to k + 1
             t_draft = time.perf_counter()
             drafts = self.draft.propose(history, k) if k > 0 else []
-            st.draft_seconds += time.perf_counter() - t_draft
+            t_pass = time.perf_counter()
+            draft_seconds = t_pass - t_draft
+            st.draft_seconds += draft_seconds
             tokens = torch.tensor([[history[-1]] + drafts])                              # (1, 1 + k')
             positions = torch.arange(pos, pos + 1 + len(drafts))[None]                   # (1, 1 + k')
             if drafts:
                 logits = eng.executor.forward(tokens, positions, cache, lone_queries=True)[0]   # (1 + k', V)
             else:  # nothing proposed: a plain decode step
                 logits = eng.executor.forward(tokens, positions, cache, logit_index=torch.zeros(1, dtype=torch.long))
+            pass_seconds = time.perf_counter() - t_pass
             st.decode_passes += 1
             st.draft_proposed += len(drafts)
             accepted = 0
@@ -222,5 +289,5 @@ class SpeculativeGenerator:
                 else:
                     break
             st.draft_accepted += accepted
-            if self.auto and drafts:
-                self.k = min(self.k_max, self.k + 2) if accepted == len(drafts) else max(1, accepted + 1)
+            if self.length is not None:
+                self.length.record(len(drafts), accepted, draft_seconds, pass_seconds)
