@@ -61,7 +61,9 @@ class PipelineModel:
         GGUF file or folder of a small model with the target's vocabulary (loaded first and kept
         resident, so a memory_limit counts it), "builtin" (the built-in model's draft sibling),
         or "prompt-lookup" (n-gram matches in the text, no model); `draft_tokens` is k per target
-        pass, or "auto" (adapted from measured acceptance). Sampling and batches decode plainly.
+        pass, or "auto" (adapted from measured acceptance). Greedy output is the target's alone,
+        token for token; sampled output follows its distribution (speculative sampling). Batches
+        decode plainly.
         Raises ModelFileError / UnsupportedModelError / MemoryBudgetError (PipeloadError) on bad input.
         """
         from .runtime.memory import parse_size
@@ -302,8 +304,7 @@ class PipelineModel:
         finally:
             self.stats = self._figures(stats, read_before, calls_before)
             if self.draft is not None and stats.draft is None:
-                self.stats["speculative"] = ("off: " + ("a batch of prompts" if len(prompts) > 1 else
-                                             "sampling (temperature > 0) decodes plainly") + ", same tokens as without a draft")
+                self.stats["speculative"] = "off: a batch of prompts decodes plainly, the same tokens as without a draft"
 
     def _figures(self, stats: GenerationStats, read_before: int, calls_before: dict) -> dict[str, Any]:
         figures = stats.as_dict()

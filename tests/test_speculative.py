@@ -1,6 +1,7 @@
 """Speculative decoding (runtime/speculative.py): greedy output is the target's alone, token for
 token, whatever the draft proposes, resident and streamed; the verification pass gives the bits of
-lone decode steps; drafts of another vocabulary are refused by name."""
+lone decode steps; sampled output follows the target's distribution (chi-square tests); drafts of
+another vocabulary are refused by name."""
 
 import pytest
 import torch
@@ -124,14 +125,88 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert pl.propose([1, 2, 3], 4) == []
 
 
-def test_sampling_decodes_plainly_with_a_note(plain):
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square quantile at 1 - 0.001 (z = 3.09) by Wilson-Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def _two_sample_chi2(a: list[int], b: list[int], min_count: int = 10) -> tuple[float, int]:
+    """Chi-square statistic and degrees of freedom that samples a and b come from one distribution
+    (values seen fewer than min_count times in both together pooled into one bin)."""
+    from collections import Counter
+
+    ca, cb = Counter(a), Counter(b)
+    keys = [t for t in set(ca) | set(cb) if ca[t] + cb[t] >= min_count]
+    bins = [(ca[t], cb[t]) for t in keys]
+    rest = (len(a) - sum(x for x, _ in bins), len(b) - sum(y for _, y in bins))
+    if sum(rest):
+        bins.append(rest)
+    na, nb = len(a), len(b)
+    stat = 0.0
+    for x, y in bins:
+        tot = x + y
+        ea, eb = tot * na / (na + nb), tot * nb / (na + nb)
+        stat += (x - ea) ** 2 / ea + (y - eb) ** 2 / eb
+    return stat, len(bins) - 1
+
+
+@pytest.mark.parametrize("certain", [False, True])
+def test_speculative_pick_draws_from_the_target_distribution(certain):
+    """A kept draft token or the residual draw: the emitted token follows p exactly, whatever q is."""
+    from pipeload.runtime.speculative import speculative_pick
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.05, 0.30, 0.10, 0.25, 0.20, 0.10])
+    q = torch.tensor([0.40, 0.05, 0.25, 0.05, 0.05, 0.20])
+    n = 20000
+    out = []
+    for _ in range(n):
+        d = 0 if certain else int(torch.multinomial(q, 1, generator=g))
+        out.append(speculative_pick(p, d, None if certain else q, g)[0])
+    counts = torch.bincount(torch.tensor(out), minlength=6).double()
+    stat = float(((counts - n * p.double()) ** 2 / (n * p.double())).sum())
+    assert stat < _chi2_critical(5), (counts / n).tolist()
+    # the same check rejects a wrong rule (always keeping the draft token draws from q, not p)
+    wrong = torch.bincount(torch.multinomial(q, n, replacement=True, generator=g), minlength=6).double()
+    assert float(((wrong - n * p.double()) ** 2 / (n * p.double())).sum()) > _chi2_critical(5)
+
+
+def test_sampled_output_follows_the_target_distribution(plain):
+    """Built-in model, draft sibling: the 2nd and 3rd sampled tokens (from verification passes)
+    over 300 seeds have the plain run's distribution (two-sample chi-square at p = 0.001); the
+    same seed gives the same text."""
     target, _ = plain
-    m = PipelineModel.from_pretrained(None, draft="builtin")
+    m = PipelineModel.from_pretrained(None, draft="builtin", draft_tokens=3)
+    prompt = "def fibonacci(n):\n"
+    hot = dict(temperature=0.8, top_k=0, top_p=1.0)  # several likely tokens at the 2nd position
     try:
-        out = _tokens(m, n=12, temperature=0.8, seed=7)
-        assert out == _tokens(target, n=12, temperature=0.8, seed=7)
+        assert _tokens(m, prompt, 12, temperature=0.9, seed=5) == _tokens(m, prompt, 12, temperature=0.9, seed=5)
+        assert m.stats["draft_proposed"] > 0
+        spec, ref, accepted = [], [], 0
+        for seed in range(300):
+            spec.append(tuple(_tokens(m, prompt, 3, seed=seed, **hot)))
+            accepted += m.stats["draft_accepted"]
+            ref.append(tuple(_tokens(target, prompt, 3, seed=10_000 + seed, **hot)))
+        assert accepted > 100  # the drafts were kept often: the accept rule, not only the residual, is tested
+        dfs = []
+        for pos in (1, 2):
+            stat, df = _two_sample_chi2([s[pos] for s in spec], [r[pos] for r in ref])
+            dfs.append(df)
+            assert df == 0 or stat < _chi2_critical(df), (pos, stat, df)
+        assert max(dfs) >= 3, dfs  # at least one position had several likely tokens
+    finally:
+        m.close()
+
+
+def test_batches_decode_plainly_with_a_note(plain):
+    target, _ = plain
+    m = PipelineModel.from_pretrained(None, draft="builtin", batch_size=2)
+    try:
+        both = {r.sequence: r.token_ids for r in m.stream([PROMPT, "import os\n"], max_tokens=8, ignore_eos=True)}
+        assert both == {r.sequence: r.token_ids for r in target.stream([PROMPT, "import os\n"], max_tokens=8,
+                                                                         ignore_eos=True)}
         assert "draft" not in m.stats
-        assert m.stats["speculative"].startswith("off: sampling")
+        assert m.stats["speculative"].startswith("off: a batch")
     finally:
         m.close()
 

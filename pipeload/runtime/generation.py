@@ -176,8 +176,9 @@ def stream_generate(engine: Engine, tokenizer, prompts: Sequence[str | Sequence[
                     max_tokens: int = 256, stop: Sequence[str] = (), stats: GenerationStats | None = None,
                     ignore_eos: bool = False, draft=None, draft_tokens: int | str = "auto") -> Iterator[GenerationResponse]:
     """Stream GenerationResponses for each prompt (text or token ids); the last one of each sequence
-    carries its finish_reason. With `draft` (runtime/speculative.py), a lone greedy prompt is decoded
-    speculatively (the same tokens, several per target pass); batches and sampling decode plainly.
+    carries its finish_reason. With `draft` (runtime/speculative.py), a lone prompt is decoded
+    speculatively (several tokens per target pass: greedy, the same tokens; sampled, the same
+    distribution); batches decode plainly.
     Raises NoTokenizerError for text without a tokenizer."""
     if tokenizer is None and (stop or any(isinstance(p, str) for p in prompts)):
         raise NoTokenizerError("this model has no tokenizer: pass token ids, or a model folder/GGUF file "
@@ -185,7 +186,7 @@ def stream_generate(engine: Engine, tokenizer, prompts: Sequence[str | Sequence[
     stop = [s for s in stop if s]
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     stop_ids = set() if ignore_eos or tokenizer is None else set(tokenizer.eos_token_ids)
-    if draft is not None and len(ids) == 1 and params.greedy:
+    if draft is not None and len(ids) == 1:
         from .speculative import SpeculativeGenerator
 
         gen = SpeculativeGenerator(engine, draft, ids[0], params, max_tokens, draft_tokens, stop_ids, stats)

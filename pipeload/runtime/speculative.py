@@ -1,4 +1,4 @@
-"""Speculative decoding (greedy): a draft proposes k tokens, the target checks all k + 1 positions
+"""Speculative decoding: a draft proposes k tokens, the target checks all k + 1 positions
 in one pass over its weights and keeps the longest prefix it agrees with, plus its own next token.
 
     last token x_p (not yet in the target's cache), drafts d_1..d_k
@@ -21,13 +21,19 @@ acceptance rate, the seconds of a draft token and of a target pass over 1 + k po
 streamed target's pass costs seconds and long drafts pay; a resident one's costs about a draft
 step and short ones do).
 
-Sampling (temperature > 0) is not speculated here: the caller decodes it plainly
-(runtime/generation.py), so sampled output stays exactly the target's.
+Sampling (temperature > 0): standard speculative sampling (Leviathan et al. 2023; Chen et al.
+2023). Draft token d, drawn from the draft's distribution q (prompt lookup: q is all on d), is
+kept with probability min(1, p(d) / q(d)), p being the distribution plain sampling would draw
+from at that position (runtime/sampling.py: penalty, temperature, filters); on rejection the
+token is drawn from max(0, p - q) normalised (`speculative_pick`). Every emitted token then
+follows p exactly; the text is not the plain run's for the same seed (the random numbers are
+used differently), but the same seed gives the same text.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Iterator, Protocol, Sequence
 
 import torch
@@ -40,6 +46,7 @@ from .sampling import Sampler, SamplingParams
 AUTO_MAX = 16       # largest k "auto" chooses
 AUTO_FIRST, FIRST_ROUNDS = 4, 4  # "auto" drafts this many tokens in its first rounds, to measure deep positions
 EXPLORE_EVERY = 8   # with "auto", every this many rounds propose one token more than the best k (to keep measuring)
+DRAFT_SEED = 0x5EED  # the draft's random numbers: the run's seed + this (same seed, same text)
 PRIOR_ACCEPT, PRIOR_WEIGHT = 0.8, 2.0  # acceptance assumed before measuring (as if 2 tries at 80%)
 LOOKUP_NGRAM = 3    # longest suffix prompt lookup matches (it falls back to shorter ones)
 
@@ -53,6 +60,11 @@ class Draft(Protocol):
 
     def propose(self, history: list[int], k: int) -> list[int]:
         """Up to k tokens likely to follow `history` (fewer, or none, when it has no guess)."""
+        ...
+
+    def propose_sampled(self, history: list[int], k: int, sampler: Sampler) -> tuple[list[int], torch.Tensor | None]:
+        """Up to k tokens drawn with `sampler`, and the distributions (k', V) they were drawn
+        from (None: each token was certain, q(d) = 1)."""
         ...
 
 
@@ -78,6 +90,9 @@ class PromptLookup:
                 if history[i:i + n] == tail:
                     return history[i + n:i + n + k]
         return []
+
+    def propose_sampled(self, history: list[int], k: int, sampler: Sampler) -> tuple[list[int], None]:
+        return self.propose(history, k), None
 
 
 class ModelDraft:
@@ -110,8 +125,16 @@ class ModelDraft:
                                          logit_index=torch.tensor([n - 1]))
 
     def propose(self, history: list[int], k: int) -> list[int]:
+        return self._run(history, k, None)[0]
+
+    def propose_sampled(self, history: list[int], k: int, sampler: Sampler) -> tuple[list[int], torch.Tensor | None]:
+        tokens, q = self._run(history, k, sampler)
+        return tokens, (torch.stack(q) if q else None)
+
+    def _run(self, history: list[int], k: int, sampler: Sampler | None) -> tuple[list[int], list[torch.Tensor]]:
+        """k tokens, greedy (sampler None) or drawn with `sampler`, with their distributions."""
         if k < 1 or len(history) + k > self.max_len:
-            return []
+            return [], []
         common = 0
         for a, b in zip(self.fed, history):
             if a != b:
@@ -124,9 +147,14 @@ class ModelDraft:
         positions = torch.arange(common, len(history))[None]                            # (1, T)
         logits = ex.forward(tokens, positions, self.cache, logit_index=torch.tensor([len(new) - 1]))  # (1, V)
         self.fed = list(history)
-        out = []
+        out, dists = [], []
         while True:
-            tok = int(logits[0].argmax())
+            if sampler is None:
+                tok = int(logits[0].argmax())
+            else:
+                q = sampler.probs(logits, [self.fed])[0]                                # (V,)
+                tok = int(torch.multinomial(q, 1, generator=sampler.generators[0]))
+                dists.append(q)
             out.append(tok)
             if len(out) == k:
                 break
@@ -134,7 +162,26 @@ class ModelDraft:
             logits = ex.forward(torch.tensor([[tok]]), torch.tensor([[pos]]), self.cache,
                                 logit_index=torch.zeros(1, dtype=torch.long))
             self.fed.append(tok)
-        return out
+        return out, dists
+
+
+def speculative_pick(p: torch.Tensor, d: int, q: torch.Tensor | None, generator: torch.Generator) -> tuple[int, bool]:
+    """(token, accepted) at one verified position: draft token d kept with probability
+    min(1, p(d) / q(d)), else a token drawn from max(0, p - q) normalised. p, q: (V,)
+    distributions of the target and the draft (q None: the draft was certain of d)."""
+    qd = float(q[d]) if q is not None else 1.0
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    if u * qd < float(p[d]):
+        return d, True
+    if q is not None:
+        residual = (p.double() - q.double()).clamp_min(0.0)
+    else:
+        residual = p.double().clone()
+        residual[d] = 0.0
+    total = float(residual.sum())
+    if total <= 0.0:  # p <= q everywhere (p == q up to rounding): rejection had probability ~0
+        residual, total = p.double(), float(p.sum())
+    return int(torch.multinomial(residual / total, 1, generator=generator)), False
 
 
 class DraftLength:
@@ -193,15 +240,13 @@ class DraftLength:
 
 
 class SpeculativeGenerator:
-    """One sequence, greedy: yields [(0, token)] per token (like runtime.generation.TokenGenerator,
-    several tokens per target pass). `finish(0)` stops it before its next token."""
+    """One sequence: yields [(0, token)] per token (like runtime.generation.TokenGenerator, several
+    tokens per target pass). `finish(0)` stops it before its next token."""
 
     def __init__(self, engine: Engine, draft: Draft, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
                  draft_tokens: int | str = "auto", stop_token_ids: set[int] | None = None, stats=None):
         from .generation import GenerationStats
 
-        if not params.greedy:
-            raise ValueError("speculative decoding here is greedy only (temperature 0); decode sampling plainly")
         if draft_tokens != "auto" and (not isinstance(draft_tokens, int) or draft_tokens < 1):
             raise ValueError(f"draft_tokens must be 'auto' or an integer >= 1, got {draft_tokens!r}")
         ctx = engine.context_length
@@ -217,6 +262,7 @@ class SpeculativeGenerator:
         self.k_max = AUTO_MAX if self.length is not None else int(draft_tokens)
         self.stop_token_ids = stop_token_ids or set()
         self.sampler = Sampler(params, 1)
+        self.draft_sampler = None if params.greedy else Sampler(replace(params, seed=self.sampler.seed + DRAFT_SEED), 1)
         self.stats = stats if stats is not None else GenerationStats()
         self.stats.draft = draft.name
         self.finish_reasons: dict[int, str] = {}
@@ -261,7 +307,13 @@ class SpeculativeGenerator:
             k = self.length.next() if self.length is not None else self.k_max
             k = min(k, self.budget - generated - 1, cache.max_len - 1 - pos)  # the round adds up to k + 1
             t_draft = time.perf_counter()
-            drafts = self.draft.propose(history, k) if k > 0 else []
+            q = None
+            if k <= 0:
+                drafts = []
+            elif self.draft_sampler is None:
+                drafts = self.draft.propose(history, k)
+            else:
+                drafts, q = self.draft.propose_sampled(history, k, self.draft_sampler)
             t_pass = time.perf_counter()
             draft_seconds = t_pass - t_draft
             st.draft_seconds += draft_seconds
@@ -276,7 +328,12 @@ class SpeculativeGenerator:
             st.draft_proposed += len(drafts)
             accepted = 0
             for i in range(1 + len(drafts)):
-                tok = self.sampler(logits[i:i + 1], [history])[0]
+                if self.draft_sampler is None or i == len(drafts):
+                    tok = self.sampler(logits[i:i + 1], [history])[0]
+                else:  # speculative sampling: keep drafts[i] with min(1, p/q), else draw from max(0, p - q)
+                    p = self.sampler.probs(logits[i:i + 1], [history])[0]
+                    tok, _ = speculative_pick(p, drafts[i], q[i] if q is not None else None,
+                                              self.sampler.generators[0])
                 generated += 1
                 ended = self._emit(history, tok, generated)
                 st.generation_seconds = time.perf_counter() - t_decode
