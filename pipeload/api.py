@@ -34,6 +34,7 @@ class PipelineModel:
         self.options = options
         self.stats: dict[str, Any] = {}
         self._encoder_cache = None  # runtime.encode TextEncoder / ImageEncoder, for encoders
+        self.draft = None  # runtime.speculative ModelDraft / PromptLookup when speculative decoding is on
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype: str = "auto",
@@ -41,7 +42,8 @@ class PipelineModel:
                         batch_size: int | None = None, ctx: int | None = None, io_mode: str = "auto",
                         threads: int | None = None, device: str = "cpu", cluster: str | None = None, workers: int = 1,
                         parallel: str = "pipeline", cluster_token: str | None = None,
-                        expert_policy: str = "lru") -> "PipelineModel":
+                        expert_policy: str = "lru", draft: str | os.PathLike | None = None,
+                        draft_tokens: int | str = "auto") -> "PipelineModel":
         """Load a GGUF file or Hugging Face folder (None: the built-in model).
 
         memory_limit ("2GB", "1536MiB", bytes or None) caps peak RSS: what fits stays resident,
@@ -55,6 +57,13 @@ class PipelineModel:
         workers that prove they know `cluster_token` join (default: $PIPELOAD_CLUSTER_TOKEN).
         A mixture of experts whose experts do not all fit reads the routed experts on demand into
         an expert cache evicting by `expert_policy` ("lru" or "lfu"; runtime/experts.py).
+        `draft` turns on speculative decoding (runtime/speculative.py) for lone greedy prompts: a
+        GGUF file or folder of a small model with the target's vocabulary (loaded first and kept
+        resident, so a memory_limit counts it), "builtin" (the built-in model's draft sibling),
+        or "prompt-lookup" (n-gram matches in the text, no model); `draft_tokens` is k per target
+        pass, or "auto" (adapted from measured acceptance). Greedy output is the target's alone,
+        token for token; sampled output follows its distribution (speculative sampling). Batches
+        decode plainly.
         Raises ModelFileError / UnsupportedModelError / MemoryBudgetError (PipeloadError) on bad input.
         """
         from .runtime.memory import parse_size
@@ -78,13 +87,28 @@ class PipelineModel:
             options = {"dtype": dtype, "batch_size": batch_size, "ctx": ctx, "cluster": cluster, "workers": workers,
                        "parallel": parallel}
             return cls(engine, engine.spec.load_tokenizer(), options)
+        if draft_tokens != "auto" and (isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int)
+                                       or draft_tokens < 1):
+            raise ValueError(f"draft_tokens must be 'auto' or an integer >= 1, got {draft_tokens!r}")
+        draft_engine = None
+        if draft is not None and str(draft) != "prompt-lookup":
+            if cluster is not None:
+                raise ValueError("a draft model with a cluster is not supported yet; use draft='prompt-lookup'")
+            draft_path = builtin_model_path("draft") if str(draft) == "builtin" else draft
+            draft_engine = load_engine(draft_path, DTYPES[dtype], exact=dtype == "reference")  # resident, counted below
         engine = load_engine(builtin_model_path() if path is None else path, DTYPES[dtype],
                              memory_limit=parse_size(memory_limit), context=ctx, batch=batch_size,
                              prefetch_depth=prefetch_depth, parallel_loading=parallel_loading, io_mode=io_mode,
                              expert_policy=expert_policy, exact=dtype == "reference")
         options = {"dtype": dtype, "memory_limit": memory_limit, "prefetch_depth": prefetch_depth,
-                   "parallel_loading": parallel_loading, "batch_size": batch_size, "ctx": ctx}
-        return cls(engine, engine.spec.load_tokenizer(), options)
+                   "parallel_loading": parallel_loading, "batch_size": batch_size, "ctx": ctx, "draft": draft,
+                   "draft_tokens": draft_tokens}
+        model = cls(engine, engine.spec.load_tokenizer(), options)
+        if draft is not None:
+            from .runtime.speculative import ModelDraft, PromptLookup
+
+            model.draft = PromptLookup() if draft_engine is None else ModelDraft(draft_engine, engine.args.vocab_size)
+        return model
 
     @property
     def plan(self):
@@ -94,6 +118,8 @@ class PipelineModel:
     def close(self) -> None:
         """Stop the background readers of a streamed model."""
         self.engine.close()
+        if getattr(self.draft, "engine", None) is not None:
+            self.draft.engine.close()
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -273,9 +299,12 @@ class PipelineModel:
         calls_before = ops.kernel_calls()
         try:
             yield from stream_generate(self.engine, self._tokenizer, prompts, params, max_tokens, stop, stats,
-                                       ignore_eos=ignore_eos)
+                                       ignore_eos=ignore_eos, draft=self.draft,
+                                       draft_tokens=self.options.get("draft_tokens", "auto"))
         finally:
             self.stats = self._figures(stats, read_before, calls_before)
+            if self.draft is not None and stats.draft is None:
+                self.stats["speculative"] = "off: a batch of prompts decodes plainly, the same tokens as without a draft"
 
     def _figures(self, stats: GenerationStats, read_before: int, calls_before: dict) -> dict[str, Any]:
         figures = stats.as_dict()

@@ -50,7 +50,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     model = PipelineModel.from_pretrained(a.model, dtype=a.dtype, threads=a.threads, memory_limit=a.memory_limit,
                                           prefetch_depth=a.prefetch_depth, ctx=a.ctx,
                                           cluster=a.cluster, workers=a.workers, parallel=a.parallel,
-                                          cluster_token=token)
+                                          cluster_token=token, draft=a.draft,
+                                          draft_tokens=a.draft_tokens if a.draft_tokens == "auto" else int(a.draft_tokens))
     sampling = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
     if a.chat:
@@ -69,6 +70,12 @@ def cmd_run(a: argparse.Namespace) -> int:
           f" | generation: {st['generation_tokens']} tokens, {st['generation_tps']:.1f} tok/s"
           f" | peak memory: {format_bytes(st['peak_rss'])} | finish: {reason}", file=sys.stderr)
     print(f"[kernels] {st['kernels']}", file=sys.stderr)
+    if st.get("draft") is not None:
+        print(f"[speculative] draft {a.draft}: acceptance {st['acceptance_rate']:.0%} "
+              f"({st['draft_accepted']}/{st['draft_proposed']} draft tokens), {st['tokens_per_pass']:.2f} tokens per "
+              f"target pass ({st['decode_passes']} passes), {st['generation_tps']:.1f} tok/s", file=sys.stderr)
+    elif "speculative" in st:
+        print(f"[speculative] {st['speculative']}", file=sys.stderr)
     if a.cluster:
         from .cluster.cli import print_cluster_summary
 
@@ -343,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="GGUF file or HF folder (default: built-in model)")
     p.add_argument("-p", "--prompt", default="def fibonacci(n):", help="prompt text")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--draft", default=None, metavar="PATH|prompt-lookup|builtin",
+                   help="speculative decoding (greedy, lone prompt): a small model with the target's vocabulary, "
+                        "n-gram lookup in the text, or the built-in model's sibling; same tokens, fewer target passes")
+    p.add_argument("--draft-tokens", default="auto", metavar="K|auto",
+                   help="draft tokens per target pass (default auto: adapted from measured acceptance)")
     _add_sampling_options(p)
     _add_model_options(p)
     _add_budget_options(p)

@@ -12,5 +12,6 @@ SECTIONS = {
     "cluster": "pipeline and tensor parallel over several processes or network namespaces",
     "encoders": "BERT-base, MiniLM and ViT-B/16 shapes: peak memory (cgroup) and samples/s, resident, under budgets, and transformers",
     "moe": "a mixture of experts larger than memory: expert streaming against llama.cpp's mmap in one memory cgroup",
+    "speculative": "greedy decoding plainly, with a draft model and with prompt lookup, per budget (same tokens checked)",
     "api_fuzz": "schemathesis against pipeload serve's OpenAPI document: no 5xx, no hang, answers as documented",
 }

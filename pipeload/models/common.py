@@ -211,6 +211,9 @@ class StepInputs:
     cis:       optional complex64 cos + i sin (B, 1, T, rot/2) for the interleaved style
     rows:      None, or one RowSpan per sequence when every sequence must get the bits of its
                lone run (exact batching): attention then runs per sequence, as alone
+    lone_queries: None, or (one sequence) one mask per new token, the mask its lone decode step
+               would use ((1, 1, 1, p + 1) bool or None): each token then attends on its own over
+               keys 0..p, bit for bit as that decode step (speculative verification)
     """
 
     positions: torch.Tensor
@@ -219,6 +222,7 @@ class StepInputs:
     sin: torch.Tensor | None = None
     cis: torch.Tensor | None = None
     rows: list[RowSpan] | None = None
+    lone_queries: list[torch.Tensor | None] | None = None
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV | None,
@@ -233,6 +237,16 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Laye
         k, v = kv.update(k, v)  # (B, Hkv, S, hd)
     if kv_of_head is not None:
         k, v = k.index_select(1, kv_of_head), v.index_select(1, kv_of_head)  # (B, H, S, hd)
+    if step.lone_queries is not None:  # each new token exactly as its lone decode step
+        B, H, T, hd = q.shape
+        if B != 1 or len(step.lone_queries) != T:
+            raise ValueError(f"lone_queries needs one sequence and one mask per token, got B={B}, T={T}, "
+                             f"{len(step.lone_queries)} masks")
+        out = q.new_empty(1, T, H * hd)
+        for t, mask in enumerate(step.lone_queries):
+            n = int(step.positions[0, t]) + 1  # keys 0..p, as the decode step at p sees them
+            out[:, t:t + 1] = attend(q[:, :, t:t + 1], k[:, :, :n], v[:, :, :n], mask, scale)
+        return out
     if step.rows is None or len(step.rows) == 1:
         return attend(q, k, v, step.mask, scale)
     B, H, T, hd = q.shape

@@ -94,9 +94,11 @@ class Executor:
         plain_causal = uniform and (start == 0 or pos.shape[1] == 1) and (self.window is None or kv_len <= self.window)
         return None if plain_causal else attention_mask(pos, kv_len, self.window)
 
-    def _chunk_inputs(self, positions: torch.Tensor, cache: KVCache | None, rows: list[RowSpan] | None = None):
+    def _chunk_inputs(self, positions: torch.Tensor, cache: KVCache | None, rows: list[RowSpan] | None = None,
+                      lone_queries: bool = False):
         """Per chunk of the step: (slice, StepInputs, positions, uniform) with masks and rope tables;
-        with `rows` (a decode step), each row's lone mask in StepInputs.rows."""
+        with `rows` (a decode step), each row's lone mask in StepInputs.rows; with lone_queries,
+        each token's lone decode mask in StepInputs.lone_queries."""
         T = positions.shape[1]
         uniform = bool((positions == positions[:1]).all())
         chunks = []
@@ -109,10 +111,13 @@ class Executor:
             if rows is not None:
                 step.rows = [replace(r, mask=self._mask(pos[b:b + 1], r.start + r.length if cache is not None
                                                         else r.length)) for b, r in enumerate(rows)]
+            if lone_queries:
+                step.lone_queries = [self._mask(pos[:, t:t + 1], int(pos[0, t]) + 1) for t in range(pos.shape[1])]
             chunks.append((slice(s, s + pos.shape[1]), step, pos, uniform))
         return chunks
 
-    def _runs(self, positions: torch.Tensor, cache: KVCache | None, rows: list[RowSpan] | None) -> list[tuple]:
+    def _runs(self, positions: torch.Tensor, cache: KVCache | None, rows: list[RowSpan] | None,
+              lone_queries: bool = False) -> list[tuple]:
         """The groups of rows that go through a block together: (batch rows, token columns, chunks,
         KV cache). One group for the whole step, or with `rows` in a prefill one per sequence."""
         B, T = positions.shape
@@ -120,7 +125,7 @@ class Executor:
             raise ValueError(f"{len(rows)} row spans for a step of {B} sequences")
         if rows is None or len(rows) == 1 or all(r.length == 1 for r in rows):
             exact = rows if rows is not None and len(rows) > 1 else None
-            return [(slice(0, B), slice(0, T), self._chunk_inputs(positions, cache, exact), cache)]
+            return [(slice(0, B), slice(0, T), self._chunk_inputs(positions, cache, exact, lone_queries), cache)]
         runs = []
         for b, r in enumerate(rows):
             kv = cache.rows(b, b + 1) if cache is not None else None
@@ -129,21 +134,27 @@ class Executor:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                logit_index: torch.Tensor | None = None, rows: list[RowSpan] | None = None) -> torch.Tensor:
+                logit_index: torch.Tensor | None = None, rows: list[RowSpan] | None = None,
+                lone_queries: bool = False) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T) at positions (B, T); with logit_index (B,), only
         those positions' logits (B, V). The cache, if given, gains the new keys and values.
         With `rows` (one RowSpan(start, length) per sequence, its new tokens), every sequence
-        gets its lone run's bits (see the module docstring)."""
+        gets its lone run's bits (see the module docstring). With lone_queries (one sequence, a
+        cache), every token attends as its lone decode step would, so the T logits are bit for
+        bit those of T decode steps, in one pass over the weights (speculative verification)."""
+        if lone_queries and (cache is None or tokens.shape[0] != 1 or rows is not None):
+            raise ValueError("lone_queries verifies one sequence over a KV cache (no rows)")
         h = self.model.embed(tokens, positions)  # (B, T, D)
-        h = self.forward_layers(h, positions, cache, 0, self.n_layers, rows)
+        h = self.forward_layers(h, positions, cache, 0, self.n_layers, rows, lone_queries)
         return self.head(h, logit_index)
 
     @torch.inference_mode()
     def forward_layers(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                       start: int, stop: int, rows: list[RowSpan] | None = None) -> torch.Tensor:
+                       start: int, stop: int, rows: list[RowSpan] | None = None,
+                       lone_queries: bool = False) -> torch.Tensor:
         """The hidden state (B, T, D) after layers start..stop-1 (global indices) for the hidden
         state h (B, T, D) entering layer `start`; one pipeline stage runs exactly this."""
-        runs = self._runs(positions, cache, rows)
+        runs = self._runs(positions, cache, rows, lone_queries)
         whole = len(runs) == 1 and len(runs[0][2]) == 1
         if whole and cache is not None:
             cache.begin_step(runs[0][2][0][2], runs[0][2][0][3])  # the same positions for every layer

@@ -46,9 +46,27 @@ class GenerationStats:
         return decoded / self.generation_seconds if self.generation_seconds else 0.0
 
     batch_first_tokens: int = 0  # tokens sampled from the prompt pass's logits
+    draft: str | None = None     # speculative decoding (runtime/speculative.py): "model" or "prompt-lookup"
+    draft_proposed: int = 0      # draft tokens the target checked
+    draft_accepted: int = 0      # of those, the ones it kept
+    draft_seconds: float = 0.0   # time spent proposing (part of generation_seconds)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens per decode pass over the target's weights (1 without speculation, batch 1)."""
+        decoded = self.generation_tokens - self.batch_first_tokens
+        return decoded / self.decode_passes if self.decode_passes else 0.0
 
     def as_dict(self) -> dict:
-        return {"batch": self.batch, "prompt_tokens": self.prompt_tokens, "prompt_seconds": self.prompt_seconds,
+        spec = {} if self.draft is None else {
+            "draft": self.draft, "draft_proposed": self.draft_proposed, "draft_accepted": self.draft_accepted,
+            "acceptance_rate": self.acceptance_rate, "draft_seconds": self.draft_seconds}
+        return {**spec, "decode_passes": self.decode_passes, "tokens_per_pass": self.tokens_per_pass,
+                "batch": self.batch, "prompt_tokens": self.prompt_tokens, "prompt_seconds": self.prompt_seconds,
                 "prompt_tps": self.prompt_tps, "generation_tokens": self.generation_tokens,
                 "generation_seconds": self.generation_seconds, "generation_tps": self.generation_tps,
                 "peak_rss": self.peak_rss}
@@ -156,16 +174,24 @@ class GenerationResponse:
 
 def stream_generate(engine: Engine, tokenizer, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
                     max_tokens: int = 256, stop: Sequence[str] = (), stats: GenerationStats | None = None,
-                    ignore_eos: bool = False) -> Iterator[GenerationResponse]:
+                    ignore_eos: bool = False, draft=None, draft_tokens: int | str = "auto") -> Iterator[GenerationResponse]:
     """Stream GenerationResponses for each prompt (text or token ids); the last one of each sequence
-    carries its finish_reason. Raises NoTokenizerError for text without a tokenizer."""
+    carries its finish_reason. With `draft` (runtime/speculative.py), a lone prompt is decoded
+    speculatively (several tokens per target pass: greedy, the same tokens; sampled, the same
+    distribution); batches decode plainly.
+    Raises NoTokenizerError for text without a tokenizer."""
     if tokenizer is None and (stop or any(isinstance(p, str) for p in prompts)):
         raise NoTokenizerError("this model has no tokenizer: pass token ids, or a model folder/GGUF file "
                                "that includes one (tokenizer.json or tokenizer.ggml.* metadata)")
     stop = [s for s in stop if s]
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     stop_ids = set() if ignore_eos or tokenizer is None else set(tokenizer.eos_token_ids)
-    gen = TokenGenerator(engine, ids, params, max_tokens, stop_ids, stats)
+    if draft is not None and len(ids) == 1:
+        from .speculative import SpeculativeGenerator
+
+        gen = SpeculativeGenerator(engine, draft, ids[0], params, max_tokens, draft_tokens, stop_ids, stats)
+    else:
+        gen = TokenGenerator(engine, ids, params, max_tokens, stop_ids, stats)
     B = len(ids)
     texts = [TextStream(tokenizer, stop) for _ in range(B)]
     out_ids: list[list[int]] = [[] for _ in range(B)]

@@ -78,23 +78,31 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, batch: int):
         self.params = params
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self.seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         self.generators = []
         for b in range(batch):
             g = torch.Generator()
-            g.manual_seed(seed + b)
+            g.manual_seed(self.seed + b)
             self.generators.append(g)
 
-    def __call__(self, logits: torch.Tensor, history: list[list[int]], rows: list[int] | None = None) -> list[int]:
-        """Next token for each row of logits (B, V); `rows` maps rows to sequence indices."""
+    def probs(self, logits: torch.Tensor, history: list[list[int]]) -> torch.Tensor:
+        """The distributions (B, V) sampling draws from (not greedy): penalty, temperature and the
+        filters applied; rows that overflowed to non-finite values become one-hot on the argmax."""
         p = self.params
         logits = apply_repetition_penalty(logits.float(), history, p.repetition_penalty, p.repetition_window)
-        if p.greedy:
-            return logits.argmax(-1).tolist()
         probs = filter_probs(logits, p)
         broken = ~torch.isfinite(probs).all(-1)  # extreme parameters (a penalty of 1e-300) overflowed: greedy
         if broken.any():
             probs[broken] = torch.nn.functional.one_hot(logits[broken].nan_to_num(float("-inf")).argmax(-1),
                                                         probs.shape[-1]).to(probs.dtype)
+        return probs
+
+    def __call__(self, logits: torch.Tensor, history: list[list[int]], rows: list[int] | None = None) -> list[int]:
+        """Next token for each row of logits (B, V); `rows` maps rows to sequence indices."""
+        p = self.params
+        if p.greedy:
+            logits = apply_repetition_penalty(logits.float(), history, p.repetition_penalty, p.repetition_window)
+            return logits.argmax(-1).tolist()
+        probs = self.probs(logits, history)
         rows = rows if rows is not None else list(range(logits.shape[0]))
         return [int(torch.multinomial(probs[i], 1, generator=self.generators[s])) for i, s in enumerate(rows)]

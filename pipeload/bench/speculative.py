@@ -1,0 +1,77 @@
+"""`pipeload bench speculative`: greedy decoding of one target, plainly, with a draft model and with
+prompt lookup, side by side: fresh processes alternated, medians of --repeats, per memory budget.
+Every speculative run's tokens are checked against the plain run's (they must be identical).
+
+    pipeload bench speculative --target T.gguf --draft D.gguf [--memory-limit none,1.2GB] [-n 128]
+                               [--contenders plain,draft,lookup] [--ctx 1024]
+
+Under a budget every contender gets the same one: a draft model's memory is counted in it (it is
+loaded first), so more of the target streams than in the plain run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .harness import alternate, markdown_table, median, run_child, save
+
+PROMPT = ('def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n'
+          '    """Merge two sorted lists into one sorted list."""\n')
+
+CHILD = r"""
+import json, sys, time
+import pipeload
+from pipeload import PipelineModel
+target, draft, limit, n, prompt, ctx = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+m = PipelineModel.from_pretrained(target, draft=None if draft == "none" else draft,
+                                  memory_limit=None if limit == "none" else limit, ctx=ctx)
+out = None
+for r in m.stream(prompt, max_tokens=n, ignore_eos=True):
+    out = r.token_ids
+st = m.stats
+print(json.dumps({"tokens": out, "tps": st["generation_tps"], "passes": st["decode_passes"],
+                  "tokens_per_pass": st["tokens_per_pass"], "acceptance": st.get("acceptance_rate"),
+                  "peak_rss": st["peak_rss"], "streamed_bytes": m.plan.streamed_bytes if m.plan else 0}))
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="target GGUF file")
+    p.add_argument("--draft", required=True, help="draft GGUF file (the target's vocabulary)")
+    p.add_argument("--memory-limit", default="none", help="comma-separated budgets, 'none' for resident")
+    p.add_argument("-n", "--max-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--ctx", type=int, default=1024, help="context positions (the KV cache a budget reserves)")
+    p.add_argument("--contenders", default="plain,draft,lookup", help="of plain, draft (model), lookup (prompt)")
+
+
+def run(a: argparse.Namespace) -> int:
+    rows, data, mismatch = [], {}, False
+    for limit in a.memory_limit.split(","):
+        chosen = a.contenders.split(",")
+        if "plain" not in chosen:
+            raise ValueError("--contenders must include plain (the reference tokens and speed)")
+        every = {"plain": ("plain", "none"), "draft": ("draft model", a.draft), "lookup": ("prompt lookup", "prompt-lookup")}
+        contenders = {every[c][0]: (lambda d=every[c][1]: run_child(CHILD, a.target, d, limit, a.max_tokens, a.prompt,
+                                                                     a.ctx)) for c in chosen}
+        results = alternate(contenders, a.repeats)
+        reference = results["plain"][0]["tokens"]
+        plain_tps = median([r["tps"] for r in results["plain"]])
+        for name, runs in results.items():
+            same = all(r["tokens"] == reference for r in runs)
+            mismatch |= not same
+            tps = median([r["tps"] for r in runs])
+            acc = runs[0]["acceptance"]
+            rows.append([limit, name, f"{acc:.0%}" if acc is not None else "-", median([r["tokens_per_pass"] for r in runs]),
+                         tps, tps / plain_tps, ", ".join(f"{r['tps']:.2f}" for r in runs),
+                         f"{runs[0]['streamed_bytes'] / 1e6:.0f} MB", f"{max(r['peak_rss'] for r in runs) / 1e9:.2f} GB",
+                         "yes" if same else "NO"])
+        data[limit] = {k: [{kk: vv for kk, vv in r.items() if kk != "tokens"} for r in v] for k, v in results.items()}
+    table = markdown_table(["budget", "draft", "acceptance", "tokens/pass", "tok/s (median)", "x plain", "runs",
+                            "target streamed per pass", "peak RSS", "tokens = plain"], rows)
+    print(table)
+    save(Path(a.out), "speculative", {"target": a.target, "draft": a.draft, "n": a.max_tokens, "ctx": a.ctx,
+                                      "prompt": a.prompt, "runs": data}, table)
+    return 1 if mismatch else 0

@@ -1,0 +1,219 @@
+"""Speculative decoding (runtime/speculative.py): greedy output is the target's alone, token for
+token, whatever the draft proposes, resident and streamed; the verification pass gives the bits of
+lone decode steps; sampled output follows the target's distribution (chi-square tests); drafts of
+another vocabulary are refused by name."""
+
+import pytest
+import torch
+
+from pipeload import PipelineModel
+from pipeload.api import builtin_model_path
+from pipeload.errors import UnsupportedModelError
+from pipeload.runtime.memory import current_rss
+from pipeload.runtime.planner import make_plan
+from pipeload.runtime.speculative import PromptLookup
+from pipeload.runtime.spec import open_model
+
+# repeats, so that prompt lookup finds matches, and plain code, so that the draft model agrees often
+PROMPT = "def add(a, b):\n    return a + b\n\ndef add3(a, b, c):\n    return a + b + c\n\ndef add4(a, b, c, d):\n"
+N = 48
+
+
+def _tokens(model, prompt=PROMPT, n=N, **sampling):
+    out = None
+    for r in model.stream(prompt, max_tokens=n, ignore_eos=True, **sampling):
+        out = r.token_ids
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain():
+    m = PipelineModel.from_pretrained(None)
+    yield m, _tokens(m)
+    m.close()
+
+
+@pytest.mark.parametrize("draft", ["builtin", "prompt-lookup"])
+@pytest.mark.parametrize("k", ["auto", 1, 3, 8])
+def test_greedy_equals_target_alone(plain, draft, k):
+    target, reference = plain
+    m = PipelineModel.from_pretrained(None, draft=draft, draft_tokens=k)
+    try:
+        assert _tokens(m) == reference
+        st = m.stats
+        assert st["draft"] == ("model" if draft == "builtin" else "prompt-lookup")
+        assert st["generation_tokens"] == N
+        assert st["draft_proposed"] > 0
+        # rejections happened and were rolled back (else this run would not test the rollback)
+        assert st["draft_accepted"] < st["draft_proposed"]
+        assert st["draft_accepted"] > 0
+        assert st["decode_passes"] < N - 1  # fewer target passes than tokens
+        assert st["tokens_per_pass"] == pytest.approx((N - 1) / st["decode_passes"])
+        assert 0 < st["acceptance_rate"] < 1
+    finally:
+        m.close()
+
+
+def test_streamed_target_equals_target_alone(plain):
+    """Under a budget where layers stream (the draft's memory counted in it), the same tokens."""
+    _, reference = plain
+    spec = open_model(builtin_model_path())
+    draft_bytes = open_model(builtin_model_path("draft")).index.total_bytes
+    PipelineModel.from_pretrained(None, draft="builtin").close()  # imports and allocator warmed: RSS settles
+    for draft in ("builtin", "prompt-lookup"):
+        full = make_plan(spec, None, current_rss(), spec.args.context_length, 1, 1)
+        weights = sum(full.group_bytes.values())
+        limit = full.predicted_peak + (draft_bytes if draft == "builtin" else 0) - int(0.6 * weights)
+        m = PipelineModel.from_pretrained(None, draft=draft, memory_limit=limit, prefetch_depth=1)
+        try:
+            assert m.plan.streamed, "the budget should make layers stream"
+            assert _tokens(m) == reference
+            assert m.stats["decode_passes"] < N - 1
+            assert m.stats["bytes_read"] >= m.stats["decode_passes"] * m.plan.streamed_bytes * 0.9  # a pass per round
+        finally:
+            m.close()
+
+
+def test_verification_pass_has_the_bits_of_decode_steps():
+    """k + 1 positions in one pass with lone_queries: logits equal (torch.equal) to k + 1 decode steps."""
+    m = PipelineModel.from_pretrained(None)
+    try:
+        ex, eng = m.engine.executor, m.engine
+        ids = m.tokenizer.encode(PROMPT)
+        extra = [17, 400, 33, 2048, 5]
+        a, b = eng.new_cache(1, 256), eng.new_cache(1, 256)
+        n = len(ids)
+        ex.forward(torch.tensor([ids]), torch.arange(n)[None], a)
+        ex.forward(torch.tensor([ids]), torch.arange(n)[None], b)
+        steps = torch.cat([ex.forward(torch.tensor([[t]]), torch.tensor([[n + i]]), a)[0]
+                           for i, t in enumerate(extra)])                                      # (k + 1, V)
+        verify = ex.forward(torch.tensor([extra]), torch.arange(n, n + len(extra))[None], b,
+                            lone_queries=True)[0]                                               # (k + 1, V)
+        assert torch.equal(verify, steps)
+        assert torch.equal(a.k[:, :, :, :n + len(extra)], b.k[:, :, :, :n + len(extra)])  # the same keys cached
+    finally:
+        m.close()
+
+
+def test_tiny_models_greedy_equal(tiny, kind):
+    """Every architecture (Llama, Mistral's window, Qwen2's biases, GPT-2) with prompt lookup."""
+    _, _, gguf = tiny(kind)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 1, 4, 1, 5]
+    ref = PipelineModel.from_pretrained(gguf)
+    spec = PipelineModel.from_pretrained(gguf, draft="prompt-lookup", draft_tokens=4)
+    try:
+        out_ref, out_spec = _tokens(ref, prompt, 40), _tokens(spec, prompt, 40)
+        assert out_spec == out_ref
+        assert spec.stats["draft_proposed"] > 0
+    finally:
+        ref.close()
+        spec.close()
+
+
+def test_draft_of_another_vocabulary_is_refused(tiny):
+    _, _, gguf = tiny("llama2")  # 128 tokens; the built-in model has 4096
+    with pytest.raises(UnsupportedModelError, match="vocabulary of 128 tokens but the target has 4096"):
+        PipelineModel.from_pretrained(None, draft=gguf)
+    with pytest.raises(ValueError, match="draft_tokens"):
+        PipelineModel.from_pretrained(None, draft="prompt-lookup", draft_tokens=0)
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    pl = PromptLookup(ngram=3)
+    assert pl.propose([1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 2, 3, 4], 2) == [7, 2]  # latest "2 3 4" is followed by 7
+    assert pl.propose([1, 2, 3, 9, 3], 5) == [9, 3]  # only the 1-gram "3" matches
+    assert pl.propose([1, 2, 3], 4) == []
+
+
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square quantile at 1 - 0.001 (z = 3.09) by Wilson-Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def _two_sample_chi2(a: list[int], b: list[int], min_count: int = 10) -> tuple[float, int]:
+    """Chi-square statistic and degrees of freedom that samples a and b come from one distribution
+    (values seen fewer than min_count times in both together pooled into one bin)."""
+    from collections import Counter
+
+    ca, cb = Counter(a), Counter(b)
+    keys = [t for t in set(ca) | set(cb) if ca[t] + cb[t] >= min_count]
+    bins = [(ca[t], cb[t]) for t in keys]
+    rest = (len(a) - sum(x for x, _ in bins), len(b) - sum(y for _, y in bins))
+    if sum(rest):
+        bins.append(rest)
+    na, nb = len(a), len(b)
+    stat = 0.0
+    for x, y in bins:
+        tot = x + y
+        ea, eb = tot * na / (na + nb), tot * nb / (na + nb)
+        stat += (x - ea) ** 2 / ea + (y - eb) ** 2 / eb
+    return stat, len(bins) - 1
+
+
+@pytest.mark.parametrize("certain", [False, True])
+def test_speculative_pick_draws_from_the_target_distribution(certain):
+    """A kept draft token or the residual draw: the emitted token follows p exactly, whatever q is."""
+    from pipeload.runtime.speculative import speculative_pick
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.05, 0.30, 0.10, 0.25, 0.20, 0.10])
+    q = torch.tensor([0.40, 0.05, 0.25, 0.05, 0.05, 0.20])
+    n = 20000
+    out = []
+    for _ in range(n):
+        d = 0 if certain else int(torch.multinomial(q, 1, generator=g))
+        out.append(speculative_pick(p, d, None if certain else q, g)[0])
+    counts = torch.bincount(torch.tensor(out), minlength=6).double()
+    stat = float(((counts - n * p.double()) ** 2 / (n * p.double())).sum())
+    assert stat < _chi2_critical(5), (counts / n).tolist()
+    # the same check rejects a wrong rule (always keeping the draft token draws from q, not p)
+    wrong = torch.bincount(torch.multinomial(q, n, replacement=True, generator=g), minlength=6).double()
+    assert float(((wrong - n * p.double()) ** 2 / (n * p.double())).sum()) > _chi2_critical(5)
+
+
+def test_sampled_output_follows_the_target_distribution(plain):
+    """Built-in model, draft sibling: the 2nd and 3rd sampled tokens (from verification passes)
+    over 300 seeds have the plain run's distribution (two-sample chi-square at p = 0.001); the
+    same seed gives the same text."""
+    target, _ = plain
+    m = PipelineModel.from_pretrained(None, draft="builtin", draft_tokens=3)
+    prompt = "def fibonacci(n):\n"
+    hot = dict(temperature=0.8, top_k=0, top_p=1.0)  # several likely tokens at the 2nd position
+    try:
+        assert _tokens(m, prompt, 12, temperature=0.9, seed=5) == _tokens(m, prompt, 12, temperature=0.9, seed=5)
+        assert m.stats["draft_proposed"] > 0
+        spec, ref, accepted = [], [], 0
+        for seed in range(300):
+            spec.append(tuple(_tokens(m, prompt, 3, seed=seed, **hot)))
+            accepted += m.stats["draft_accepted"]
+            ref.append(tuple(_tokens(target, prompt, 3, seed=10_000 + seed, **hot)))
+        assert accepted > 100  # the drafts were kept often: the accept rule, not only the residual, is tested
+        dfs = []
+        for pos in (1, 2):
+            stat, df = _two_sample_chi2([s[pos] for s in spec], [r[pos] for r in ref])
+            dfs.append(df)
+            assert df == 0 or stat < _chi2_critical(df), (pos, stat, df)
+        assert max(dfs) >= 3, dfs  # at least one position had several likely tokens
+    finally:
+        m.close()
+
+
+def test_batches_decode_plainly_with_a_note(plain):
+    target, _ = plain
+    m = PipelineModel.from_pretrained(None, draft="builtin", batch_size=2)
+    try:
+        both = {r.sequence: r.token_ids for r in m.stream([PROMPT, "import os\n"], max_tokens=8, ignore_eos=True)}
+        assert both == {r.sequence: r.token_ids for r in target.stream([PROMPT, "import os\n"], max_tokens=8,
+                                                                         ignore_eos=True)}
+        assert "draft" not in m.stats
+        assert m.stats["speculative"].startswith("off: a batch")
+    finally:
+        m.close()
+
+
+def test_cli_prints_acceptance(capsys):
+    from pipeload.cli import main
+
+    assert main(["run", "--draft", "builtin", "--draft-tokens", "3", "--temperature", "0", "-n", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "[speculative] draft builtin: acceptance" in err and "tokens per target pass" in err
