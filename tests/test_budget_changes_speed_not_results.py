@@ -60,11 +60,10 @@ def test_resident_streamed_and_partial_runs_are_bit_identical(type_name, hf_fold
 
     plan_r, logits_r, tokens_r, _, engine = _run(path, None)
     weights = [m.weight for b in engine.executor.layers.blocks.values() for m in b.modules() if isinstance(m, Linear)]
-    want = T[type_name] if engine.dtype != torch.float32 or type_name == "F32" else T.F32
-    assert {w.qtype for w in weights} == {want}  # computed on the stored type, not a re-encoding
-    if want == T[type_name]:
-        stored = spec.index.tensor("blk.0.attn_q.weight").info.nbytes
-        assert engine.executor.layers.blocks[0].attn_q.weight.nbytes == stored  # the file's bytes, no more
+    assert engine.dtype == torch.float32  # the default activations, on the stored blocks
+    assert {w.qtype for w in weights} == {T[type_name]}  # computed on the stored type, not a re-encoding
+    stored = spec.index.tensor("blk.0.attn_q.weight").info.nbytes
+    assert engine.executor.layers.blocks[0].attn_q.weight.nbytes == stored  # the file's bytes, no more
 
     plan_s, logits_s, tokens_s, read_s, _ = _run(path, smallest)
     assert plan_s.resident == [] and len(plan_s.streamed) == spec.args.n_layers + 1
