@@ -81,3 +81,27 @@ def moe_tiny(tmp_path_factory):
         return built[kind]
 
     return get
+
+
+REAL_MODELS = Path(os.environ.get("PIPELOAD_MODELS") or Path.home() / ".cache" / "pipeload" / "models")
+FETCH = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "fetch.sh"
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """real_model(file name) -> path of a real GGUF of the small set, fetched into REAL_MODELS by
+    ../shared/models/fetch.sh when missing. Fails (never skips) when it cannot be had."""
+    import subprocess
+
+    def get(name: str) -> Path:
+        path = REAL_MODELS / name
+        if not path.is_file():
+            if not FETCH.is_file():
+                pytest.fail(f"{path} is missing and {FETCH} (which fetches it) does not exist")
+            run = subprocess.run(["bash", str(FETCH), str(REAL_MODELS), "small"], capture_output=True, text=True)
+            if run.returncode != 0 or not path.is_file():
+                pytest.fail(f"{FETCH} {REAL_MODELS} small failed (exit {run.returncode}): "
+                            f"{(run.stdout + run.stderr)[-2000:]}")
+        return path
+
+    return get
