@@ -6,6 +6,7 @@ Parts (all on synthetic Llama-shaped GGUF files with random weights, generated i
   hf       the same file loaded whole by Hugging Face transformers (the memory column)
   big      a model larger than RAM: pipeload at several budgets against llama.cpp's default mmap
   soak     many prompts under the budget: no failure, peak RSS flat across the run
+  --against-mmap  only: llama.cpp's mmap and pipeload in one memory cgroup of each limit (against_mmap.py)
 Every figure is printed with its bound: batch / max(streamed bytes / disk, resident bytes / memory,
 flops / peak flops), the disk bandwidth measured in the same process by a cold read of exactly the
 streamed bytes.
@@ -17,6 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
+from . import against_mmap
 from .harness import default_cache, markdown_table, median, run_child, save
 from .synth import SHAPES, LlamaShape, write_synthetic_gguf
 
@@ -307,10 +309,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soak-tokens", type=int, default=100)
     p.add_argument("--soak-batch", type=int, default=8)
     p.add_argument("--cache", default=str(default_cache()), help="where generated models go")
+    against_mmap.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    parts = args.parts.split(",")
+    parts = ["against_mmap"] if args.against_mmap else args.parts.split(",")
     t0 = time.time()
     path = _model(args, SHAPES[args.shape], args.mix, args.shape) if set(parts) - {"big"} else None
     report = {}
@@ -319,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
         if part == "big":
             report[part] = part_big(args)
         else:
-            report[part] = {"budget": part_budget, "batch": part_batch, "hf": part_hf, "soak": part_soak}[part](args, path)
+            report[part] = {"against_mmap": against_mmap.part_against_mmap, "budget": part_budget, "batch": part_batch, "hf": part_hf, "soak": part_soak}[part](args, path)
     summary = "\n\n".join(f"## {k}\n\n{v['table']}" for k, v in report.items())
     (Path(args.out) / "streaming.md").write_text(summary + "\n")
     print(f"\n{summary}\n\n(results in {args.out}, {time.time() - t0:.0f} s)")
