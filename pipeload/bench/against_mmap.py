@@ -21,21 +21,15 @@ import argparse
 from pathlib import Path
 
 from .cgroup import CgroupRun, available, run_in_cgroup
-from .harness import markdown_table, median, save
+from .harness import LLAMA_CPP_NO_REPACK, markdown_table, median, save
 
 GB = 10**9
 
 _LLAMA_CPP = r"""
 import json, sys, time
 import llama_cpp
-import llama_cpp.llama_cpp as C
+""" + LLAMA_CPP_NO_REPACK + r"""
 path, tokens, prompt_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-defaults = C.llama_model_default_params
-def without_repack():  # llama-cli's --no-repack: weights stay in the file's mapping
-    params = defaults()
-    params.use_extra_bufts = False
-    return params
-C.llama_model_default_params = without_repack  # Llama() takes its model params from here
 t0 = time.perf_counter()
 llm = llama_cpp.Llama(path, n_ctx=256, n_threads=2, use_mmap=True, verbose=False)
 load_s = time.perf_counter() - t0

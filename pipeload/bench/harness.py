@@ -15,6 +15,20 @@ from pathlib import Path
 from typing import Any
 
 
+# Child-code prologue for llama-cpp-python runs with repacking off (llama-cli's --no-repack): the
+# weights stay in the file's mapping instead of being copied into anonymous memory, as a user
+# under a memory limit would run it. Llama() takes its model params from the patched default.
+LLAMA_CPP_NO_REPACK = r"""
+import llama_cpp.llama_cpp as C
+defaults = C.llama_model_default_params
+def without_repack():
+    params = defaults()
+    params.use_extra_bufts = False
+    return params
+C.llama_model_default_params = without_repack
+"""
+
+
 def run_child(code: str, *args: Any, timeout: float = 3600, env: dict | None = None) -> dict:
     """Run `code` in a fresh Python; it must print one JSON object as its last line. Raises on failure."""
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,

@@ -22,7 +22,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from .harness import default_cache, markdown_table, median, save
+from .harness import LLAMA_CPP_NO_REPACK, default_cache, markdown_table, median, save
 
 GB = 1e9
 
@@ -77,13 +77,7 @@ def disk_read():
         if line.startswith("read_bytes:"):
             return int(line.split()[1])
 
-import llama_cpp.llama_cpp as C
-defaults = C.llama_model_default_params
-def without_repack():  # llama-cli's --no-repack: weights stay in the file's mapping (no anonymous copy)
-    params = defaults()
-    params.use_extra_bufts = False
-    return params
-C.llama_model_default_params = without_repack  # Llama() takes its model params from here
+""" + LLAMA_CPP_NO_REPACK + r"""
 path, tokens, temperature = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 llm = llama_cpp.Llama(path, n_ctx=256, n_threads=2, use_mmap=True, verbose=False, seed=1)
 prompt = [(13 * i) % 4000 + 3 for i in range(16)]

@@ -40,10 +40,14 @@ class GenerationStats:
         return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
 
     @property
+    def decoded_tokens(self) -> int:
+        """Tokens the decode passes produced (the first of each sequence comes from the prompt pass)."""
+        return self.generation_tokens - self.batch_first_tokens
+
+    @property
     def generation_tps(self) -> float:
         """Tokens per second of the decode passes (tokens they produced / their time)."""
-        decoded = self.generation_tokens - self.batch_first_tokens
-        return decoded / self.generation_seconds if self.generation_seconds else 0.0
+        return self.decoded_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
     batch_first_tokens: int = 0  # tokens sampled from the prompt pass's logits
     draft: str | None = None     # speculative decoding (runtime/speculative.py): "model" or "prompt-lookup"
@@ -58,8 +62,7 @@ class GenerationStats:
     @property
     def tokens_per_pass(self) -> float:
         """Tokens per decode pass over the target's weights (1 without speculation, batch 1)."""
-        decoded = self.generation_tokens - self.batch_first_tokens
-        return decoded / self.decode_passes if self.decode_passes else 0.0
+        return self.decoded_tokens / self.decode_passes if self.decode_passes else 0.0
 
     def as_dict(self) -> dict:
         spec = {} if self.draft is None else {
@@ -72,6 +75,19 @@ class GenerationStats:
                 "peak_rss": self.peak_rss}
 
 
+def check_prompts(prompts: Sequence[Sequence[int]], max_tokens: int, ctx: int) -> None:
+    """Raise ValueError / ContextLengthError for an empty prompt, one that fills the context `ctx`,
+    or max_tokens < 1 (TokenGenerator and runtime/speculative.py SpeculativeGenerator)."""
+    for s, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {s} is empty: give at least one token")
+        if len(p) >= ctx:
+            raise ContextLengthError(
+                f"prompt {s} has {len(p)} tokens but the model's context is {ctx}: shorten the prompt")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+
+
 class TokenGenerator:
     """Yields, per step, [(sequence index, token id)] for every still-running sequence.
 
@@ -81,15 +97,8 @@ class TokenGenerator:
 
     def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams, max_tokens: int,
                  stop_token_ids: set[int] | None = None, stats: GenerationStats | None = None):
+        check_prompts(prompts, max_tokens, engine.context_length)
         ctx = engine.context_length
-        for s, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {s} is empty: give at least one token")
-            if len(p) >= ctx:
-                raise ContextLengthError(
-                    f"prompt {s} has {len(p)} tokens but the model's context is {ctx}: shorten the prompt")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.engine, self.prompts, self.max_tokens = engine, [list(p) for p in prompts], max_tokens
         self.stop_token_ids = stop_token_ids or set()
         self.sampler = Sampler(params, len(prompts))

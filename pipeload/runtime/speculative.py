@@ -38,7 +38,6 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
-from ..errors import ContextLengthError
 from .engine import Engine
 from .memory import peak_rss
 from .sampling import Sampler, SamplingParams
@@ -184,6 +183,13 @@ def speculative_pick(p: torch.Tensor, d: int, q: torch.Tensor | None, generator:
     return int(torch.multinomial(residual / total, 1, generator=generator)), False
 
 
+def check_draft_tokens(draft_tokens) -> None:
+    """Raise ValueError unless draft_tokens is "auto" or an integer >= 1."""
+    if draft_tokens != "auto" and (isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int)
+                                   or draft_tokens < 1):
+        raise ValueError(f"draft_tokens must be 'auto' or an integer >= 1, got {draft_tokens!r}")
+
+
 class DraftLength:
     """k for the next round, from measured acceptance and costs: the k in 0..k_max that maximises
     expected tokens per second, E(k) / (k * draft_token_s + pass_s(1 + k)). A round keeps
@@ -245,18 +251,11 @@ class SpeculativeGenerator:
 
     def __init__(self, engine: Engine, draft: Draft, prompt: Sequence[int], params: SamplingParams, max_tokens: int,
                  draft_tokens: int | str = "auto", stop_token_ids: set[int] | None = None, stats=None):
-        from .generation import GenerationStats
+        from .generation import GenerationStats, check_prompts
 
-        if draft_tokens != "auto" and (not isinstance(draft_tokens, int) or draft_tokens < 1):
-            raise ValueError(f"draft_tokens must be 'auto' or an integer >= 1, got {draft_tokens!r}")
+        check_draft_tokens(draft_tokens)
         ctx = engine.context_length
-        if len(prompt) == 0:
-            raise ValueError("prompt 0 is empty: give at least one token")
-        if len(prompt) >= ctx:
-            raise ContextLengthError(
-                f"prompt 0 has {len(prompt)} tokens but the model's context is {ctx}: shorten the prompt")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        check_prompts([prompt], max_tokens, ctx)
         self.engine, self.draft, self.prompt = engine, draft, list(prompt)
         self.length = DraftLength() if draft_tokens == "auto" else None
         self.k_max = AUTO_MAX if self.length is not None else int(draft_tokens)
