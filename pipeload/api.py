@@ -82,18 +82,19 @@ class PipelineModel:
             if dtype == "reference":
                 raise ValueError("dtype 'reference' (weights dequantized to float32) runs on one machine only; "
                                  "use float32 or bfloat16 with a cluster")
+            if draft is not None:
+                raise ValueError("speculative decoding (draft) with a cluster is not supported yet; "
+                                 "leave draft out to run on the cluster")
             engine = connect_cluster(builtin_model_path() if path is None else path, cluster, workers, parallel,
                                      DTYPES[dtype], context=ctx, batch=batch_size or 1, token=cluster_token)
             options = {"dtype": dtype, "batch_size": batch_size, "ctx": ctx, "cluster": cluster, "workers": workers,
                        "parallel": parallel}
             return cls(engine, engine.spec.load_tokenizer(), options)
-        if draft_tokens != "auto" and (isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int)
-                                       or draft_tokens < 1):
-            raise ValueError(f"draft_tokens must be 'auto' or an integer >= 1, got {draft_tokens!r}")
+        from .runtime.speculative import check_draft_tokens
+
+        check_draft_tokens(draft_tokens)
         draft_engine = None
         if draft is not None and str(draft) != "prompt-lookup":
-            if cluster is not None:
-                raise ValueError("a draft model with a cluster is not supported yet; use draft='prompt-lookup'")
             draft_path = builtin_model_path("draft") if str(draft) == "builtin" else draft
             draft_engine = load_engine(draft_path, DTYPES[dtype], exact=dtype == "reference")  # resident, counted below
         engine = load_engine(builtin_model_path() if path is None else path, DTYPES[dtype],

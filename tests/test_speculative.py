@@ -217,3 +217,9 @@ def test_cli_prints_acceptance(capsys):
     assert main(["run", "--draft", "builtin", "--draft-tokens", "3", "--temperature", "0", "-n", "16"]) == 0
     err = capsys.readouterr().err
     assert "[speculative] draft builtin: acceptance" in err and "tokens per target pass" in err
+
+
+def test_a_draft_with_a_cluster_is_refused_before_connecting():
+    """Speculation does not run on a cluster yet: asking for it says so instead of ignoring the draft."""
+    with pytest.raises(ValueError, match="cluster is not supported"):
+        PipelineModel.from_pretrained(cluster="127.0.0.1:1", draft="prompt-lookup")
