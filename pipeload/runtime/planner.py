@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from gguf import GGMLQuantizationType
 
 from ..errors import MemoryBudgetError
 from ..quant import ops
