@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -15,6 +16,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_pair() -> int:
+    """A port P with P and P + 1 both free, below the kernel's ephemeral range, for launches that
+    listen on two neighbouring ports (torchrun's store on P, pipeload's coordinator on P + 1).
+    A port from bind(0) lies inside the ephemeral range, where the launch's own client sockets
+    can take P + 1 before the coordinator binds it (seen in CI: "port ... is in use")."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    for port in random.sample(range(max(1024, low - 12000), low - 2), 200):
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two neighbouring free ports below the ephemeral range")
 
 
 def worker_command(address: str, model, *extra: str) -> list[str]:

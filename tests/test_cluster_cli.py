@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cluster_helpers import ENV, free_port
+from cluster_helpers import ENV, free_port_pair
 
 
 def _run(*args, timeout=120, cmd=None):
@@ -58,7 +58,7 @@ def test_torchrun_launch_same_text(hf_with_tokenizer):
     prompt = "w5 w17 w3 w99"
     local = PipelineModel.from_pretrained(hf_with_tokenizer, threads=1).generate(
         prompt, max_tokens=12, temperature=0, repetition_penalty=1.1)  # the CLI's default penalty
-    port = free_port()
+    port = free_port_pair()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port", str(port),
                 "-m", "pipeload.cluster.torchrun", str(hf_with_tokenizer), "-p", prompt, "-n", "12",
                 "--temperature", "0", "--threads", "1"]
