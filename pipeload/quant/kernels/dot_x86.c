@@ -13,6 +13,10 @@
 
 #if defined(PL_X86)
 
+#ifndef PL_PREFETCH_GROUPS
+#define PL_PREFETCH_GROUPS 4
+#endif
+
 PL_INLINE __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 #if defined(PL_AVX512VNNI)
     return _mm256_dpbusd_epi32(acc, u, s);
@@ -173,45 +177,40 @@ PL_INLINE __m256i add_high_bit(__m256i q, __m256i hbits, int bit, int value) {
 #endif
 }
 
-/* Q4_K and Q5_K: 8 sub-blocks of 32 with six-bit scales and mins. The integer sums go to four
- * accumulators (any order gives the same integers) so the multiply-adds do not wait on each other. */
-PL_INLINE void q45k_tile(int five, const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, const int R, float *out) {
-    const int bytes = five ? 176 : 144;
+/* A K-quant super-block unpacked for the integer products: q[c] holds values 32 c .. 32 c + 31 as
+ * u8 (0..63), scv[c] their int16 scales (one per 16-value pair of lanes of maddubs' output), and
+ * mn16 the int16 factors of the 16 bsums whose products give the "mins" sum. */
+typedef struct { __m256i q[8], scv[8], mn16; float d, dmin; } ksuper;
+
+/* Q4_K and Q5_K: 8 sub-blocks of 32 with six-bit scales and mins */
+PL_INLINE void unpack_q45k(int five, const uint8_t *blk, ksuper *u) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    float acc[TILE_ROWS] = {0};
-    for (int64_t b = 0; b < k / QKK; b++) {
-        const uint8_t *blk = w + b * bytes;
-        const float d = load_fp16(blk), dmin = load_fp16(blk + 2);
-        uint8_t sc[8], mn[8];
-        kquant_scale_min(blk + 4, sc, mn);
-        __m128i m8 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn));
-        const __m256i mins = _mm256_set_m128i(_mm_unpackhi_epi16(m8, m8), _mm_unpacklo_epi16(m8, m8));
-        const uint8_t *qs = blk + (five ? 48 : 16);
-        __m256i q[8], scv[8];
-        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-            q[2 * c] = _mm256_and_si256(v, m4);
-            q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            if (five) {
-                q[2 * c] = add_high_bit(q[2 * c], qh, 2 * c, 16);
-                q[2 * c + 1] = add_high_bit(q[2 * c + 1], qh, 2 * c + 1, 16);
-            }
-        }
-        for (int s = 0; s < 8; s++) scv[s] = _mm256_set1_epi16((short)sc[s]);
-        for (int t = 0; t < R; t++) {
-            const int8_t *x = act_q(a, r0 + t) + b * QKK;
-            __m256i si[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (int s = 0; s < 8; s++)
-                si[s % 4] = dpwssd(si[s % 4], _mm256_maddubs_epi16(q[s], _mm256_loadu_si256((const __m256i *)(x + 32 * s))), scv[s]);
-            __m256i sumi = _mm256_add_epi32(_mm256_add_epi32(si[0], si[1]), _mm256_add_epi32(si[2], si[3]));
-            __m256i summ = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(act_bsums(a, r0 + t) + b * 16)), mins);
-            int32_t isum, msum;
-            hsum2_i32(sumi, summ, &isum, &msum);
-            acc[t] = kquant_step(acc[t], d, dmin, act_dK(a, r0 + t)[b], isum, msum);
+    u->d = load_fp16(blk);
+    u->dmin = load_fp16(blk + 2);
+    /* the 8 scales and 8 mins as in kquant_scale_min, built in registers (a vector load of bytes
+     * just stored would wait for the stores: no store-to-load forwarding across two stores) */
+    uint32_t w0, w1, w2;
+    memcpy(&w0, blk + 4, 4); memcpy(&w1, blk + 8, 4); memcpy(&w2, blk + 12, 4);
+    const __m128i packed = _mm_set_epi32((int)(((w2 >> 4) & 0x0F0F0F0F) | ((w1 >> 2) & 0x30303030)), (int)(w1 & 0x3F3F3F3F),
+                                         (int)((w2 & 0x0F0F0F0F) | ((w0 >> 2) & 0x30303030)), (int)(w0 & 0x3F3F3F3F));
+    const __m256i sm = _mm256_cvtepu8_epi16(packed);  /* sc 0-7 | mn 0-7 */
+    const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00), mn = _mm256_permute2x128_si256(sm, sm, 0x11);
+    /* mins: lane pair (2 s, 2 s + 1) of the 16 bsums gets mn[s] */
+    u->mn16 = _mm256_shuffle_epi8(mn, _mm256_setr_epi8(0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7,
+                                                        8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15));
+    for (int s = 0; s < 8; s++)
+        u->scv[s] = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(0x0100 + 0x0202 * s)));  /* sc[s] in every lane */
+    const uint8_t *qs = blk + (five ? 48 : 16);
+    const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+        u->q[2 * c] = _mm256_and_si256(v, m4);
+        u->q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        if (five) {
+            u->q[2 * c] = add_high_bit(u->q[2 * c], qh, 2 * c, 16);
+            u->q[2 * c + 1] = add_high_bit(u->q[2 * c + 1], qh, 2 * c + 1, 16);
         }
     }
-    for (int t = 0; t < R; t++) out[t] = acc[t];
 }
 
 /* the int16 scale vectors of 16-value sub-blocks: chunk c (32 values) holds sub-blocks 2c, 2c+1 */
@@ -222,97 +221,156 @@ PL_INLINE void chunk_scales(__m256i sc16, __m256i scv[8]) {
 }
 
 /* Q2_K, Q3_K, Q6_K: 16 sub-blocks of 16; q[4 h + j] is chunk j of half h (values 128 h + 32 j ..),
- * holding sub-blocks 8 h + 2 j and 8 h + 2 j + 1, with int16 scales sc16 (16 lanes). The "mins"
- * summ = sum mn16[g] * bsums[g] (Q3_K: 4 sc, Q6_K: 32 sc, Q2_K: the four-bit mins). */
-PL_INLINE void k16_rows(const __m256i q[8], __m256i sc16, __m256i mn16, float d, float dmin, const pl_act *a,
-                        int64_t r0, const int R, int64_t b, float *acc) {
-    __m256i scv[8];
-    chunk_scales(sc16, scv);
-    for (int t = 0; t < R; t++) {
-        const int8_t *x = act_q(a, r0 + t) + b * QKK;
-        __m256i si[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-        for (int c = 0; c < 8; c++)
-            si[c % 4] = dpwssd(si[c % 4], _mm256_maddubs_epi16(q[c], _mm256_loadu_si256((const __m256i *)(x + 32 * c))), scv[c]);
-        __m256i sumi = _mm256_add_epi32(_mm256_add_epi32(si[0], si[1]), _mm256_add_epi32(si[2], si[3]));
-        __m256i summ = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(act_bsums(a, r0 + t) + b * 16)), mn16);
-        int32_t isum, msum;
-        hsum2_i32(sumi, summ, &isum, &msum);
-        acc[t] = kquant_step(acc[t], d, dmin, act_dK(a, r0 + t)[b], isum, msum);
-    }
-}
-
-PL_INLINE void q2k_tile(const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, const int R, float *out) {
+ * holding sub-blocks 8 h + 2 j and 8 h + 2 j + 1. The "mins" summ = sum mn16[g] * bsums[g]
+ * (Q3_K: 4 sc, Q6_K: 32 sc, Q2_K: the four-bit mins). */
+PL_INLINE void unpack_q2k(const uint8_t *blk, ksuper *u) {
     const __m256i m2 = _mm256_set1_epi8(3);
-    float acc[TILE_ROWS] = {0};
-    for (int64_t b = 0; b < k / QKK; b++) {
-        const uint8_t *blk = w + b * 84;
-        __m256i v16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)blk));
-        __m256i sc16 = _mm256_and_si256(v16, _mm256_set1_epi16(15)), mn16 = _mm256_srli_epi16(v16, 4);
-        __m256i q[8];
-        for (int h = 0; h < 2; h++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * h));
-            for (int j = 0; j < 4; j++) q[4 * h + j] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m2);
-        }
-        k16_rows(q, sc16, mn16, load_fp16(blk + 80), load_fp16(blk + 82), a, r0, R, b, acc);
+    __m256i v16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)blk));
+    chunk_scales(_mm256_and_si256(v16, _mm256_set1_epi16(15)), u->scv);
+    u->mn16 = _mm256_srli_epi16(v16, 4);
+    for (int h = 0; h < 2; h++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * h));
+        for (int j = 0; j < 4; j++) u->q[4 * h + j] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m2);
     }
-    for (int t = 0; t < R; t++) out[t] = acc[t];
+    u->d = load_fp16(blk + 80);
+    u->dmin = load_fp16(blk + 82);
 }
 
-PL_INLINE void q3k_tile(const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, const int R, float *out) {
+PL_INLINE void unpack_q3k(const uint8_t *blk, ksuper *u) {
     const __m256i m2 = _mm256_set1_epi8(3);
-    float acc[TILE_ROWS] = {0};
-    for (int64_t b = 0; b < k / QKK; b++) {
-        const uint8_t *blk = w + b * 110;
-        int8_t s8[16];
-        q3k_scales(blk + 96, s8);
-        uint32_t o[4];
-        memcpy(o, s8, 16);
-        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_set_epi32((int)o[3], (int)o[2], (int)o[1], (int)o[0]));
-        const __m256i hm = _mm256_loadu_si256((const __m256i *)blk);
-        __m256i q[8];
-        for (int h = 0; h < 2; h++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * h));
-            for (int j = 0; j < 4; j++)
-                q[4 * h + j] = add_high_bit(_mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m2), hm, 4 * h + j, 4);
-        }
-        float d = load_fp16(blk + 108);
-        k16_rows(q, sc16, _mm256_slli_epi16(sc16, 2), d, d, a, r0, R, b, acc);
+    int8_t s8[16];
+    q3k_scales(blk + 96, s8);
+    __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s8));
+    chunk_scales(sc16, u->scv);
+    u->mn16 = _mm256_slli_epi16(sc16, 2);
+    const __m256i hm = _mm256_loadu_si256((const __m256i *)blk);
+    for (int h = 0; h < 2; h++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * h));
+        for (int j = 0; j < 4; j++)
+            u->q[4 * h + j] = add_high_bit(_mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m2), hm, 4 * h + j, 4);
     }
-    for (int t = 0; t < R; t++) out[t] = acc[t];
+    u->d = u->dmin = load_fp16(blk + 108);
 }
 
-PL_INLINE void q6k_tile(const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, const int R, float *out) {
+PL_INLINE void unpack_q6k(const uint8_t *blk, ksuper *u) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+    chunk_scales(sc16, u->scv);
+    u->mn16 = _mm256_slli_epi16(sc16, 5);
+    for (int h = 0; h < 2; h++) {
+        __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+        __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+        __m256i hv = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+        __m256i lo[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                         _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+        for (int j = 0; j < 4; j++)
+            u->q[4 * h + j] = _mm256_or_si256(lo[j], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2 * j), m2), 4));
+    }
+    u->d = u->dmin = load_fp16(blk + 208);
+}
+
+enum { KQ_BYTES_Q2 = 84, KQ_BYTES_Q3 = 110, KQ_BYTES_Q4 = 144, KQ_BYTES_Q5 = 176, KQ_BYTES_Q6 = 210 };
+
+PL_INLINE int kq_bytes(int qtype) {
+    return qtype == T_Q2_K ? KQ_BYTES_Q2 : qtype == T_Q3_K ? KQ_BYTES_Q3 : qtype == T_Q4_K ? KQ_BYTES_Q4
+         : qtype == T_Q5_K ? KQ_BYTES_Q5 : KQ_BYTES_Q6;
+}
+
+PL_INLINE void kq_unpack(int qtype, const uint8_t *blk, ksuper *u) {
+    switch (qtype) {
+        case T_Q2_K: unpack_q2k(blk, u); break;
+        case T_Q3_K: unpack_q3k(blk, u); break;
+        case T_Q4_K: unpack_q45k(0, blk, u); break;
+        case T_Q5_K: unpack_q45k(1, blk, u); break;
+        default:     unpack_q6k(blk, u); break;
+    }
+}
+
+/* A super-block's integer sums against activation row x (int8 values X, int16 bsums bs) as
+ * int32x8 vectors: sumi = sum of scale * q * x, summ = sum of mn16 * bsums. The products go to four
+ * accumulators (any order gives the same integers) so the multiply-adds do not wait on each other. */
+PL_INLINE void kq_sums(const ksuper *u, const __m256i X[8], __m256i bs, __m256i *sumi, __m256i *summ) {
+    __m256i si[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int c = 0; c < 8; c++) si[c % 4] = dpwssd(si[c % 4], _mm256_maddubs_epi16(u->q[c], X[c]), u->scv[c]);
+    *sumi = _mm256_add_epi32(_mm256_add_epi32(si[0], si[1]), _mm256_add_epi32(si[2], si[3]));
+    *summ = _mm256_madd_epi16(bs, u->mn16);
+}
+
+PL_INLINE void load_x256(const int8_t *x, __m256i X[8]) {
+    for (int c = 0; c < 8; c++) X[c] = _mm256_loadu_si256((const __m256i *)(x + 32 * c));
+}
+
+/* One weight row against R activation rows (the unpacking shared by the R rows). */
+PL_INLINE void kq_tile(int qtype, const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, const int R, float *out) {
+    const int bytes = kq_bytes(qtype);
     float acc[TILE_ROWS] = {0};
     for (int64_t b = 0; b < k / QKK; b++) {
-        const uint8_t *blk = w + b * 210;
-        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-        __m256i q[8];
-        for (int h = 0; h < 2; h++) {
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
-            __m256i hv = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
-            __m256i lo[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
-                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
-            for (int j = 0; j < 4; j++)
-                q[4 * h + j] = _mm256_or_si256(lo[j], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2 * j), m2), 4));
+        ksuper u;
+        kq_unpack(qtype, w + b * bytes, &u);
+        for (int t = 0; t < R; t++) {
+            __m256i X[8], sumi, summ;
+            load_x256(act_q(a, r0 + t) + b * QKK, X);
+            kq_sums(&u, X, _mm256_loadu_si256((const __m256i *)(act_bsums(a, r0 + t) + b * 16)), &sumi, &summ);
+            int32_t isum, msum;
+            hsum2_i32(sumi, summ, &isum, &msum);
+            acc[t] = kquant_step(acc[t], u.d, u.dmin, act_dK(a, r0 + t)[b], isum, msum);
         }
-        float d = load_fp16(blk + 208);
-        k16_rows(q, sc16, _mm256_slli_epi16(sc16, 5), d, d, a, r0, R, b, acc);
     }
     for (int t = 0; t < R; t++) out[t] = acc[t];
 }
 
-#define Q2_K_CALL(R) q2k_tile(w, k, a, r0, R, out)
-#define Q3_K_CALL(R) q3k_tile(w, k, a, r0, R, out)
-#define Q4_K_CALL(R) q45k_tile(0, w, k, a, r0, R, out)
-#define Q5_K_CALL(R) q45k_tile(1, w, k, a, r0, R, out)
-#define Q6_K_CALL(R) q6k_tile(w, k, a, r0, R, out)
+/* Four weight rows (stride bytes apart) against one activation row: a decode product's step.
+ * The activation row is loaded once for the four, the horizontal sums of four rows are done
+ * together, and the float step runs on the four rows' lanes at once; each lane performs exactly
+ * the operations kquant_step performs, so every output has the bits of kq_tile's. */
+PL_INLINE void kq_rows4(int qtype, const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r, float *out) {
+    const int bytes = kq_bytes(qtype);
+    const int d_off = qtype == T_Q2_K ? 80 : qtype == T_Q3_K ? 108 : qtype == T_Q6_K ? 208 : 0;
+    const int dmin_off = qtype == T_Q2_K ? 82 : qtype == T_Q3_K ? 108 : qtype == T_Q6_K ? 208 : 2;
+    __m128 acc = _mm_setzero_ps();
+    const int64_t nb = k / QKK, group = 4 * stride, per_block = (group + nb - 1) / nb;
+    const uint8_t *ahead = w + PL_PREFETCH_GROUPS * group;
+    for (int64_t b = 0; b < nb; b++) {
+        /* the weight rows PL_PREFETCH_GROUPS groups ahead, spread over this group's blocks: the
+         * hardware prefetcher alone leaves decode well below the memory's bandwidth */
+        for (int64_t o = b * per_block; o < (b + 1) * per_block; o += 64) _mm_prefetch((const char *)ahead + o, _MM_HINT_T0);
+        __m256i X[8], sumi[4], summ[4];
+        load_x256(act_q(a, r) + b * QKK, X);
+        const __m256i bs = _mm256_loadu_si256((const __m256i *)(act_bsums(a, r) + b * 16));
+        for (int i = 0; i < 4; i++) {
+            ksuper u;
+            kq_unpack(qtype, w + i * stride + b * bytes, &u);
+            kq_sums(&u, X, bs, &sumi[i], &summ[i]);
+        }
+        const __m128 isum = _mm_cvtepi32_ps(hsum4_i32(sumi[0], sumi[1], sumi[2], sumi[3]));
+        const __m128 msum = _mm_cvtepi32_ps(hsum4_i32(summ[0], summ[1], summ[2], summ[3]));
+        const __m128 dx = _mm_set1_ps(act_dK(a, r)[b]);
+        const __m128 d = fp16x4(w + b * bytes + d_off, stride), dmin = fp16x4(w + b * bytes + dmin_off, stride);
+        acc = _mm_add_ps(acc, _mm_sub_ps(_mm_mul_ps(_mm_mul_ps(d, dx), isum), _mm_mul_ps(_mm_mul_ps(dmin, dx), msum)));
+    }
+    _mm_storeu_ps(out, acc);
+}
+
+#define Q2_K_CALL(R) kq_tile(T_Q2_K, w, k, a, r0, R, out)
+#define Q3_K_CALL(R) kq_tile(T_Q3_K, w, k, a, r0, R, out)
+#define Q4_K_CALL(R) kq_tile(T_Q4_K, w, k, a, r0, R, out)
+#define Q5_K_CALL(R) kq_tile(T_Q5_K, w, k, a, r0, R, out)
+#define Q6_K_CALL(R) kq_tile(T_Q6_K, w, k, a, r0, R, out)
 TILED(q2_K, Q2_K_CALL)
 TILED(q3_K, Q3_K_CALL)
 TILED(q4_K, Q4_K_CALL)
 TILED(q5_K, Q5_K_CALL)
 TILED(q6_K, Q6_K_CALL)
+
+#define ROWS4(NAME, QT) \
+    void rows4_##NAME(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r, float *out) { \
+        kq_rows4(QT, w, stride, k, a, r, out);                                                            \
+    }
+ROWS4(q2_K, T_Q2_K)
+ROWS4(q3_K, T_Q3_K)
+ROWS4(q4_K, T_Q4_K)
+ROWS4(q5_K, T_Q5_K)
+ROWS4(q6_K, T_Q6_K)
 
 /* ---- float rows: 64 partial sums (value i in partial i % 64), the tree of float_tree64 ---- */
 
