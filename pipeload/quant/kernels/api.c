@@ -29,11 +29,11 @@ static const pl_type TYPES[] = {
     ENTRY(T_F32, "F32", 1, 4, ACT_F32, f32),
     ENTRY(T_F16, "F16", 1, 2, ACT_F32, f16),
     ENTRY(T_BF16, "BF16", 1, 2, ACT_F32, bf16),
-    ENTRY(T_Q4_0, "Q4_0", 32, 18, ACT_Q8_0, q4_0),
-    ENTRY(T_Q4_1, "Q4_1", 32, 20, ACT_Q8_1, q4_1),
-    ENTRY(T_Q5_0, "Q5_0", 32, 22, ACT_Q8_0, q5_0),
-    ENTRY(T_Q5_1, "Q5_1", 32, 24, ACT_Q8_1, q5_1),
-    ENTRY(T_Q8_0, "Q8_0", 32, 34, ACT_Q8_0, q8_0),
+    ENTRY4(T_Q4_0, "Q4_0", 32, 18, ACT_Q8_0, q4_0),
+    ENTRY4(T_Q4_1, "Q4_1", 32, 20, ACT_Q8_1, q4_1),
+    ENTRY4(T_Q5_0, "Q5_0", 32, 22, ACT_Q8_0, q5_0),
+    ENTRY4(T_Q5_1, "Q5_1", 32, 24, ACT_Q8_1, q5_1),
+    ENTRY4(T_Q8_0, "Q8_0", 32, 34, ACT_Q8_0, q8_0),
     ENTRY4(T_Q2_K, "Q2_K", 256, 84, ACT_Q8_K, q2_K),
     ENTRY4(T_Q3_K, "Q3_K", 256, 110, ACT_Q8_K, q3_K),
     ENTRY4(T_Q4_K, "Q4_K", 256, 144, ACT_Q8_K, q4_K),
@@ -121,10 +121,9 @@ static void linear_task(const void *p, int64_t u0, int64_t u1) {
         if (n1 > wj->n) n1 = wj->n;
         const pl_act *act = &j->act[wj->type->act];
         int64_t n = n0;
-        /* measured (pipeload bench kernels, 2 threads): block types gain 1.7-2x from software
-         * prefetch, except Q8_0's one-row product, which the hardware prefetcher alone keeps at
-         * ~20 GB/s and prefetching slows by ~25%; float rows lose as well */
-        const int prefetch = wj->type->block > 1 && !(j->m == 1 && wj->type->qtype == T_Q8_0);
+        /* measured (2 threads, weights from memory): block types gain 1.3-2x from software
+         * prefetch; float rows lose (their hardware-prefetched stream is already fast) */
+        const int prefetch = wj->type->block > 1;
         if (j->m == 1 && wj->type->rows4) {  /* a decode step: four weight rows at a time */
             float out[4];
             for (; n + 4 <= n1; n += 4) {

@@ -138,6 +138,76 @@ PL_INLINE void legacy_tile(int qtype, int bytes, const uint8_t *w, int64_t k, co
     }
 }
 
+/* Prefetch this call's share of the weight bytes PL_PREFETCH_GROUPS groups of four rows ahead:
+ * step `i` of `steps` covers bytes [i, i + 1) * bytes / steps of that region. The hardware
+ * prefetcher alone leaves a decode product at a quarter to a third of the memory's bandwidth. */
+PL_INLINE void prefetch_ahead(const uint8_t *w, int64_t stride, int64_t i, int64_t steps) {
+    const int64_t group = 4 * stride, per = (group + steps - 1) / steps;
+    const uint8_t *ahead = w + PL_PREFETCH_GROUPS * group;
+    for (int64_t o = i * per; o < (i + 1) * per; o += 64) _mm_prefetch((const char *)ahead + o, _MM_HINT_T0);
+}
+
+/* Four weight rows (stride bytes apart) against one activation row, each row's arithmetic that of
+ * legacy_tile for R = 1 (so the same bits), the activation blocks loaded once for the four.
+ * Q4_0 and Q5_0 take their quants unsigned and subtract offset * (the block's sum of x) from the
+ * integer sum, which is the same integer as the signed product, in fewer instructions. */
+PL_INLINE void legacy_rows4(int qtype, int bytes, const uint8_t *w, int64_t stride, int64_t k, const pl_act *a,
+                            int64_t r, float *out) {
+    const int offset = qtype == T_Q4_0 ? 8 : qtype == T_Q5_0 ? 16 : 0;
+    const int is_signed = qtype == T_Q8_0;
+    const int has_min = qtype == T_Q4_1 || qtype == T_Q5_1;
+    const int64_t nb = k / QK, groups = nb / 4;
+    const int8_t *xq = act_q(a, r);
+    const float *xd = act_d32(a, r), *xs = has_min ? act_s32(a, r) : NULL;
+    __m128 acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = _mm_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t b = 4 * g;
+        prefetch_ahead(w, stride, g, groups);
+        __m256i X[4];
+        for (int j = 0; j < 4; j++) X[j] = _mm256_loadu_si256((const __m256i *)(xq + (b + j) * QK));
+        __m128i xsum = _mm_setzero_si128();
+        if (offset) {
+            const __m256i ones = _mm256_set1_epi8(1);
+            xsum = hsum4_i32(dpbusd(_mm256_setzero_si256(), ones, X[0]), dpbusd(_mm256_setzero_si256(), ones, X[1]),
+                             dpbusd(_mm256_setzero_si256(), ones, X[2]), dpbusd(_mm256_setzero_si256(), ones, X[3]));
+            xsum = _mm_slli_epi32(xsum, offset == 8 ? 3 : 4);
+        }
+        const __m128 dx = _mm_loadu_ps(xd + b);
+        const __m128 sx = has_min ? _mm_loadu_ps(xs + b) : _mm_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            const uint8_t *blk = w + i * stride + b * bytes;
+            __m256i p[4];
+            for (int j = 0; j < 4; j++) {
+                const uint8_t *bj = blk + j * bytes;
+                if (qtype == T_Q4_0) p[j] = dpbusd(_mm256_setzero_si256(), nibbles_lo_hi(bj + 2), X[j]);
+                else if (qtype == T_Q5_0)
+                    p[j] = dpbusd(_mm256_setzero_si256(), _mm256_or_si256(nibbles_lo_hi(bj + 6), bits_to_bytes16(bj + 2)), X[j]);
+                else p[j] = block_dot(load_legacy(qtype, bj), X[j], is_signed);
+            }
+            __m128i isum = hsum4_i32(p[0], p[1], p[2], p[3]);
+            if (offset) isum = _mm_sub_epi32(isum, xsum);
+            __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(fp16x4(blk, bytes), dx));
+            if (has_min) v = _mm_add_ps(v, _mm_mul_ps(fp16x4(blk + 2, bytes), sx));
+            acc[i] = _mm_add_ps(acc[i], v);
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        float P[4];
+        _mm_storeu_ps(P, acc[i]);
+        for (int64_t bb = 4 * groups; bb < nb; bb++) {  /* the last nb % 4 blocks, as legacy_tile */
+            const uint8_t *blk = w + i * stride + bb * bytes;
+            __m256i p = block_dot(load_legacy(qtype, blk), _mm256_loadu_si256((const __m256i *)(xq + bb * QK)),
+                                  qtype == T_Q8_0 || offset);
+            int32_t isum = _mm_cvtsi128_si32(hsum4_i32(p, p, p, p));
+            float v = (float)isum * (load_fp16(blk) * xd[bb]);
+            if (has_min) v = v + load_fp16(blk + 2) * xs[bb];
+            P[bb % 4] = P[bb % 4] + v;
+        }
+        out[i] = (P[0] + P[1]) + (P[2] + P[3]);
+    }
+}
+
 #define TILED(NAME, CALL)                                                                           \
     void dot_##NAME(const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, int R, float *out) {   \
         switch (R) {                                                                                \
@@ -158,6 +228,16 @@ TILED(q4_0, Q4_0_CALL)
 TILED(q4_1, Q4_1_CALL)
 TILED(q5_0, Q5_0_CALL)
 TILED(q5_1, Q5_1_CALL)
+
+#define LEGACY_ROWS4(NAME, QT, BYTES) \
+    void rows4_##NAME(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r, float *out) { \
+        legacy_rows4(QT, BYTES, w, stride, k, a, r, out);                                                 \
+    }
+LEGACY_ROWS4(q8_0, T_Q8_0, 34)
+LEGACY_ROWS4(q4_0, T_Q4_0, 18)
+LEGACY_ROWS4(q4_1, T_Q4_1, 20)
+LEGACY_ROWS4(q5_0, T_Q5_0, 22)
+LEGACY_ROWS4(q5_1, T_Q5_1, 24)
 
 /* ---- K-quants: super-blocks of 256 ---- */
 
@@ -328,12 +408,9 @@ PL_INLINE void kq_rows4(int qtype, const uint8_t *w, int64_t stride, int64_t k, 
     const int d_off = qtype == T_Q2_K ? 80 : qtype == T_Q3_K ? 108 : qtype == T_Q6_K ? 208 : 0;
     const int dmin_off = qtype == T_Q2_K ? 82 : qtype == T_Q3_K ? 108 : qtype == T_Q6_K ? 208 : 2;
     __m128 acc = _mm_setzero_ps();
-    const int64_t nb = k / QKK, group = 4 * stride, per_block = (group + nb - 1) / nb;
-    const uint8_t *ahead = w + PL_PREFETCH_GROUPS * group;
+    const int64_t nb = k / QKK;
     for (int64_t b = 0; b < nb; b++) {
-        /* the weight rows PL_PREFETCH_GROUPS groups ahead, spread over this group's blocks: the
-         * hardware prefetcher alone leaves decode well below the memory's bandwidth */
-        for (int64_t o = b * per_block; o < (b + 1) * per_block; o += 64) _mm_prefetch((const char *)ahead + o, _MM_HINT_T0);
+        prefetch_ahead(w, stride, b, nb);
         __m256i X[8], sumi[4], summ[4];
         load_x256(act_q(a, r) + b * QKK, X);
         const __m256i bs = _mm256_loadu_si256((const __m256i *)(act_bsums(a, r) + b * 16));

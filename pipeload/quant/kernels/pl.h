@@ -179,6 +179,7 @@ PL_DECLARE(f32) PL_DECLARE(f16) PL_DECLARE(bf16)
 
 #if defined(PL_X86)
 #define PL_DECLARE(T) void rows4_##T(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r, float *out);
+PL_DECLARE(q4_0) PL_DECLARE(q4_1) PL_DECLARE(q5_0) PL_DECLARE(q5_1) PL_DECLARE(q8_0)
 PL_DECLARE(q2_K) PL_DECLARE(q3_K) PL_DECLARE(q4_K) PL_DECLARE(q5_K) PL_DECLARE(q6_K)
 #undef PL_DECLARE
 #endif
