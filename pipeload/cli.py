@@ -51,7 +51,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                                           prefetch_depth=a.prefetch_depth, ctx=a.ctx,
                                           cluster=a.cluster, workers=a.workers, parallel=a.parallel,
                                           cluster_token=token, draft=a.draft,
-                                          draft_tokens=a.draft_tokens if a.draft_tokens == "auto" else int(a.draft_tokens))
+                                          draft_tokens=_draft_tokens(a))
     sampling = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop)
     if a.chat:
@@ -117,6 +117,16 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def _draft_tokens(a: argparse.Namespace) -> int | str:
+    """--draft-tokens as the API takes it: "auto" or an integer (ValueError naming the option)."""
+    if a.draft_tokens == "auto":
+        return "auto"
+    try:
+        return int(a.draft_tokens)
+    except ValueError:
+        raise ValueError(f"--draft-tokens must be 'auto' or an integer >= 1, got {a.draft_tokens!r}") from None
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from .runtime.memory import parse_size
     from .server.security import Limits, load_keys
@@ -140,7 +150,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         total_memory=parse_size(a.total_memory), max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.ctx_size,
         exact=not a.fast_batching, dtype=a.dtype, threads=a.threads, preload=a.preload,
         drain_timeout=a.drain_timeout, log_level=a.log_level,
-        cluster=cluster, lanes=a.lanes))
+        cluster=cluster, lanes=a.lanes, draft=a.draft,
+        draft_tokens=_draft_tokens(a)))
 
 
 def _add_serve_parser(sub) -> None:
@@ -168,6 +179,11 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--drain-timeout", type=float, default=300.0,
                    help="seconds to let in-flight requests finish on SIGTERM / Ctrl-C (default 300)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--draft", default=None, metavar="PATH|prompt-lookup|builtin",
+                   help="speculative decoding for a request decoding alone with temperature 0 (the same tokens, "
+                        "several per pass); batches and sampled requests decode plainly")
+    p.add_argument("--draft-tokens", default="auto", metavar="K|auto",
+                   help="draft tokens per target pass (default auto: adapted from measured acceptance)")
     g = p.add_argument_group("access", "who may use the server (see README: Serving safely)")
     g.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require `Authorization: Bearer KEY` on /v1/* (repeatable; also $PIPELOAD_API_KEY; "

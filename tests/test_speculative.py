@@ -223,3 +223,95 @@ def test_a_draft_with_a_cluster_is_refused_before_connecting():
     """Speculation does not run on a cluster yet: asking for it says so instead of ignoring the draft."""
     with pytest.raises(ValueError, match="cluster is not supported"):
         PipelineModel.from_pretrained(cluster="127.0.0.1:1", draft="prompt-lookup")
+
+
+def _schedule(model, requests, draft=None, submit_at=None):
+    """Run requests through a Scheduler (optionally with a draft); request i is submitted before
+    step submit_at[i] (default: all at once). Returns ({id: tokens}, counters)."""
+    from pipeload.runtime.scheduler import Scheduler
+
+    sched = Scheduler(model.engine, model._tokenizer, max_batch=4, max_len=256, draft=draft)
+    submit_at = submit_at or [0] * len(requests)
+    out, step = {r.id: [] for r in requests}, 0
+    pending = list(zip(submit_at, requests))
+    while pending or sched.busy:
+        while pending and pending[0][0] <= step:
+            sched.submit(pending.pop(0)[1])
+        for e in sched.step():
+            out[e.request_id].append(e.token)
+        step += 1
+    return out, sched.counters
+
+
+@pytest.mark.parametrize("kind", ["builtin", "prompt-lookup"])
+def test_scheduler_speculates_for_a_lone_greedy_request_with_the_plain_tokens(plain, kind):
+    """The server's scheduler: a request decoding alone with temperature 0 speculates (fewer target
+    passes than tokens) and gets the plain tokens; one that joins later makes the batch decode
+    plainly, and both still get their plain tokens; a sampled request never speculates."""
+    from pipeload.runtime.sampling import SamplingParams
+    from pipeload.runtime.scheduler import Request
+    from pipeload.runtime.speculative import ModelDraft
+
+    target, _ = plain
+    ids = target._tokenizer.encode(PROMPT)
+    other = target._tokenizer.encode("import os\n")
+    draft = PromptLookup() if kind == "prompt-lookup" else ModelDraft(
+        PipelineModel.from_pretrained(builtin_model_path("draft")).engine,
+        target.args.vocab_size)
+    lone = [Request("a", ids, max_tokens=N)]
+    plain_out, plain_c = _schedule(target, lone)
+    spec_out, spec_c = _schedule(target, lone, draft)
+    assert spec_out == plain_out
+    assert spec_c["speculative_passes"] > 0 and spec_c["draft_accepted"] > 0
+    assert spec_c["decode_passes"] < plain_c["decode_passes"]
+    assert spec_c["generated_tokens"] == plain_c["generated_tokens"] == N
+
+    # a second request joins at step 5: from then on the batch decodes plainly; after it ends, "a"
+    # (still running, it has more tokens) speculates again
+    two = [Request("a", ids, max_tokens=N), Request("b", other, max_tokens=6)]
+    plain_two, _ = _schedule(target, two, None, submit_at=[0, 5])
+    spec_two, c = _schedule(target, two, draft, submit_at=[0, 5])
+    assert spec_two == plain_two
+    assert c["speculative_passes"] > 0
+
+    sampled = [Request("s", ids, params=SamplingParams(temperature=0.8, seed=3), max_tokens=12)]
+    assert _schedule(target, sampled, draft)[0] == _schedule(target, sampled)[0]
+    assert _schedule(target, sampled, draft)[1]["speculative_passes"] == 0
+
+
+def test_server_speculates_for_a_lone_greedy_request_and_shows_acceptance(plain, tmp_path):
+    """`pipeload serve --draft builtin`: a lone temperature-0 completion gets the plain text, and
+    /metrics shows the draft tokens checked and accepted."""
+    import re
+
+    import httpx
+    from server_helpers import ServerProcess
+
+    target, _ = plain
+    expected = target.generate(PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
+    with ServerProcess("--draft", "builtin", "--draft-tokens", "3", log=tmp_path / "server.log") as server:
+        r = httpx.post(server.url + "/v1/completions", timeout=120,
+                       json={"model": "pipeload-main", "prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+                             "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected
+        metrics = httpx.get(server.url + "/metrics").text
+
+    def value(name):
+        m = re.search(rf'^{name}{{model="pipeload-main"}} ([0-9.e+-]+)$', metrics, re.M)
+        assert m, (name, metrics[-2000:])
+        return float(m.group(1))
+
+    assert value("pipeload_speculative_passes") > 0
+    assert 0 < value("pipeload_draft_tokens_accepted") <= value("pipeload_draft_tokens_proposed")
+    assert value("pipeload_draft_acceptance_rate") == pytest.approx(
+        value("pipeload_draft_tokens_accepted") / value("pipeload_draft_tokens_proposed"))
+
+
+def test_serve_refuses_a_missing_draft_and_bad_draft_tokens():
+    from pipeload.server.serve import ServeConfig, build_registry
+
+    with pytest.raises(ValueError, match="--draft /no/such/model.gguf: no such file"):
+        build_registry(ServeConfig(draft="/no/such/model.gguf"))
+    with pytest.raises(ValueError, match="draft_tokens must be"):
+        build_registry(ServeConfig(draft="prompt-lookup", draft_tokens=0))

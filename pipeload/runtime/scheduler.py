@@ -23,6 +23,14 @@ rows, which caps max_batch), so a request's tokens and logits are bit-for-bit th
 run of `PipelineModel.stream` whatever else shares the batch. With exact=False a pass treats
 the batch as one (padded prompts share attention kernels; tokens may then part from a lone
 run's at near-ties).
+
+Speculative decoding (`draft`: a runtime.speculative ModelDraft or PromptLookup): when one greedy
+sequence runs alone and nothing waits, a decode pass becomes a speculative round: the draft
+proposes k tokens and one pass over the target's weights checks all k + 1 positions with
+`lone_queries`, so the tokens are the plain run's, token for token, and several come from one
+pass. As soon as a second request arrives the batch decodes plainly again. Sampled requests
+always decode plainly: speculative sampling follows the same distribution but not the same text
+for a seed, and a request's text must not depend on whether it ran alone.
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ class _Sequence:
         self.history = list(req.prompt)  # prompt + generated tokens
         self.generated = 0
         self.text = TextStream(tokenizer, req.stop)
+        self.draft_length = None  # runtime.speculative.DraftLength once this sequence speculates
 
     @property
     def written(self) -> int:
@@ -95,7 +104,7 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 exact: bool = True, max_prefill_tokens: int = 2048):
+                 exact: bool = True, max_prefill_tokens: int = 2048, draft=None, draft_tokens: int | str = "auto"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if exact:
@@ -111,7 +120,13 @@ class Scheduler:
         self._ids: set[str] = set()
         self._prefilled_last = False
         self.counters = {"prefill_passes": 0, "decode_passes": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                         "cancelled": 0, "finished": 0}
+                         "cancelled": 0, "finished": 0, "speculative_passes": 0, "draft_proposed": 0,
+                         "draft_accepted": 0}
+        from .speculative import check_draft_tokens
+
+        check_draft_tokens(draft_tokens)
+        self.draft, self.draft_tokens = draft, draft_tokens
+        self._draft_for: _Sequence | None = None  # the sequence the draft's state follows
         self.last_batch = 0  # sequences in the last pass
         self.last_step_seconds = 0.0
 
@@ -175,7 +190,7 @@ class Scheduler:
             events = self._prefill(self._admit(free))
             self._prefilled_last = True
         elif self.active:
-            events = self._decode()
+            events = self._speculate() if self._may_speculate() else self._decode()
             self._prefilled_last = False
         else:
             return []
@@ -225,24 +240,78 @@ class Scheduler:
         self.counters["decode_passes"] += 1
         return self._sample(logits, 0)
 
+    def _may_speculate(self) -> bool:
+        return (self.draft is not None and len(self.active) == 1 and not self.waiting
+                and self.active[0].req.params.greedy)
+
+    def _speculate(self) -> list[Event]:
+        """One speculative round for the lone greedy sequence: the draft's k tokens and the last
+        one checked in one pass; the tokens up to the first disagreement, and the target's own
+        token there, are emitted (at least one token, as a decode pass)."""
+        from .speculative import DraftLength
+
+        seq = self.active[0]
+        if self._draft_for is not seq:
+            self.draft.start(seq.history, self.max_len)
+            self._draft_for = seq
+        if seq.draft_length is None and self.draft_tokens == "auto":
+            seq.draft_length = DraftLength()
+        pos = seq.written
+        k = seq.draft_length.next() if seq.draft_length is not None else int(self.draft_tokens)
+        k = min(k, seq.budget - seq.generated - 1, self.max_len - 1 - pos)  # the round adds up to k + 1
+        t0 = time.perf_counter()
+        drafts = self.draft.propose(seq.history, k) if k > 0 else []
+        t1 = time.perf_counter()
+        if not drafts:
+            events = self._decode()
+        else:
+            tokens = torch.tensor([[seq.history[-1]] + drafts])             # (1, 1 + k')
+            positions = torch.arange(pos, pos + 1 + len(drafts))[None]      # (1, 1 + k')
+            logits = self.engine.executor.forward(tokens, positions, self.cache.rows(0, 1), lone_queries=True)[0]
+            self.counters["decode_passes"] += 1
+            self.counters["speculative_passes"] += 1
+            self.counters["draft_proposed"] += len(drafts)
+            self.last_batch = 1
+            events, accepted = [], 0
+            for i in range(1 + len(drafts)):
+                event = self._advance(seq, logits[i:i + 1])
+                events.append(event)
+                if event.finish_reason is not None or i == len(drafts) or event.token != drafts[i]:
+                    break
+                accepted += 1
+            self.counters["draft_accepted"] += accepted
+            self.counters["generated_tokens"] += len(events)
+            if events[-1].finish_reason is not None:
+                self.counters["finished"] += 1
+                self._free([0])
+            if seq.draft_length is not None:
+                seq.draft_length.record(len(drafts), accepted, t1 - t0, time.perf_counter() - t1)
+            return events
+        if seq.draft_length is not None:  # a plain pass: what a round without drafts costs
+            seq.draft_length.record(0, 0, 0.0, time.perf_counter() - t1)
+        return events
+
+    def _advance(self, seq: _Sequence, row: torch.Tensor) -> Event:
+        """Sample seq's next token from its logits row (1, V) and turn it into an event."""
+        tok = seq.sampler(row, [seq.history])[0]
+        seq.history.append(tok)
+        seq.generated += 1
+        event = self._text_event(seq, tok)
+        if seq.req.logprobs is not None:
+            lp = torch.log_softmax(row[0].float(), -1)  # (V,)
+            event.logprob = float(lp[tok])
+            if seq.req.logprobs > 0:
+                top = torch.topk(lp, min(seq.req.logprobs, lp.shape[0]))
+                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        return event
+
     def _sample(self, logits: torch.Tensor, first_row: int) -> list[Event]:
         """Sample a token for rows first_row.. from logits (k, V); emit events; free finished rows."""
         self.last_batch = logits.shape[0]
         events, finished = [], []
         for i in range(logits.shape[0]):
             r = first_row + i
-            seq = self.active[r]
-            row = logits[i:i + 1]  # (1, V)
-            tok = seq.sampler(row, [seq.history])[0]
-            seq.history.append(tok)
-            seq.generated += 1
-            event = self._text_event(seq, tok)
-            if seq.req.logprobs is not None:
-                lp = torch.log_softmax(row[0].float(), -1)  # (V,)
-                event.logprob = float(lp[tok])
-                if seq.req.logprobs > 0:
-                    top = torch.topk(lp, min(seq.req.logprobs, lp.shape[0]))
-                    event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+            event = self._advance(self.active[r], logits[i:i + 1])
             events.append(event)
             if event.finish_reason is not None:
                 finished.append(r)
@@ -264,6 +333,8 @@ class Scheduler:
         for r in sorted(rows, reverse=True):
             last = len(self.active) - 1
             self._ids.discard(self.active[r].req.id)
+            if self.active[r] is self._draft_for:
+                self._draft_for = None
             if r != last:
                 self.cache.move_row(last, r, self.active[last].written + 1)
                 self.active[r] = self.active.pop()

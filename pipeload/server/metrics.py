@@ -45,7 +45,8 @@ class Metrics:
         """Record one pass over the weights (called with the events a worker sent for it)."""
         if not events:
             return
-        self.batch.labels(handle.name).observe(len(events))
+        # sequences, not events: a speculative round gives one sequence several tokens in one pass
+        self.batch.labels(handle.name).observe(len({e.get("id") for e in events}))
         self.completion_tokens.labels(handle.name).inc(len(events))
         self._recent.setdefault(handle.name, deque()).append((time.monotonic(), len(events)))
 
@@ -81,6 +82,14 @@ class _WorkerCollector:
         state = GaugeMetricFamily("pipeload_model_state", "1 for the model's current state", labels=["model", "state"])
         restarts = GaugeMetricFamily("pipeload_worker_restarts", "times the worker died and was restarted",
                                      labels=["model"])
+        proposed = GaugeMetricFamily("pipeload_draft_tokens_proposed", "draft tokens checked by speculative passes "
+                                     "(--draft)", labels=["model"])
+        accepted = GaugeMetricFamily("pipeload_draft_tokens_accepted", "draft tokens the target agreed with",
+                                     labels=["model"])
+        acceptance = GaugeMetricFamily("pipeload_draft_acceptance_rate", "accepted / proposed draft tokens",
+                                       labels=["model"])
+        spec_passes = GaugeMetricFamily("pipeload_speculative_passes", "target passes that checked drafts",
+                                        labels=["model"])
         for name, h in m.models.handles.items():
             queue.add_metric([name], h.stats.get("waiting", 0))
             batch.add_metric([name], h.stats.get("active", 0))
@@ -89,4 +98,9 @@ class _WorkerCollector:
             for s in STATES:
                 state.add_metric([name, s], 1.0 if h.state == s else 0.0)
             restarts.add_metric([name], h.restarts)
-        yield from (queue, batch, tps, rss, state, restarts)
+            p, a = h.stats.get("draft_proposed", 0), h.stats.get("draft_accepted", 0)
+            proposed.add_metric([name], p)
+            accepted.add_metric([name], a)
+            acceptance.add_metric([name], a / p if p else 0.0)
+            spec_passes.add_metric([name], h.stats.get("speculative_passes", 0))
+        yield from (queue, batch, tps, rss, state, restarts, proposed, accepted, acceptance, spec_passes)

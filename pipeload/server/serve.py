@@ -8,6 +8,7 @@ status 0. Workers ignore SIGINT, so Ctrl-C in a terminal does not kill them unde
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 import logging
 import signal
 import sys
@@ -41,6 +42,8 @@ class ServeConfig:
     log_level: str = "info"
     cluster: dict | None = None       # {"address", "workers", "parallel"}: the model runs on a cluster
     lanes: int | None = None          # batches in flight per model (None: pipeline stages, else 1)
+    draft: str | None = None          # speculative decoding for lone greedy requests (PATH, prompt-lookup, builtin)
+    draft_tokens: int | str = "auto"
     api_keys: list[str] = field(default_factory=list)      # any of them opens /v1/* (none: open)
     metrics_keys: list[str] = field(default_factory=list)  # open /metrics only
     limits: Limits = field(default_factory=Limits)
@@ -75,9 +78,16 @@ def build_registry(cfg: ServeConfig) -> Registry:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {cfg.max_batch}, {cfg.max_queue})")
     if cfg.lanes is not None and not 1 <= cfg.lanes <= cfg.max_batch:
         raise ValueError(f"--lanes must be between 1 and --max-batch ({cfg.max_batch}), got {cfg.lanes}")
+    if cfg.draft not in (None, "prompt-lookup", "builtin") and not Path(cfg.draft).exists():
+        raise ValueError(f"--draft {cfg.draft}: no such file or folder (give a GGUF file or HF folder of a small "
+                         "model with the target's tokenizer, prompt-lookup, or builtin)")
+    from ..runtime.speculative import check_draft_tokens
+
+    check_draft_tokens(cfg.draft_tokens)
     specs = parse_model_specs(models, cfg.memory_limit)
     options = {"max_batch": cfg.max_batch, "max_len": cfg.max_len, "exact": cfg.exact, "dtype": cfg.dtype,
-               "threads": cfg.threads, "cluster": cfg.cluster, "lanes": cfg.lanes}
+               "threads": cfg.threads, "cluster": cfg.cluster, "lanes": cfg.lanes, "draft": cfg.draft,
+               "draft_tokens": cfg.draft_tokens}
     return Registry(specs, options, total_memory=cfg.total_memory, max_queue=cfg.max_queue)
 
 

@@ -110,7 +110,9 @@ class Worker:
             n = max(1, int(options.get("lanes") or getattr(model.engine, "pipeline_depth", 1)))
             per_lane = max(1, -(-options["max_batch"] // n))
             self.lanes = [Lane(self, Scheduler(model.engine, self.tokenizer, max_batch=per_lane,
-                                               max_len=options.get("max_len"), exact=options.get("exact", True)), k)
+                                               max_len=options.get("max_len"), exact=options.get("exact", True),
+                                               draft=model.draft if n == 1 else None,
+                                               draft_tokens=options.get("draft_tokens") or "auto"), k)
                           for k in range(n)]
         self.send_lock = threading.Lock()    # one message on the pipe at a time (lanes send too)
 
@@ -268,6 +270,18 @@ class Worker:
         return out
 
 
+def _draft_options(options: dict[str, Any], path) -> dict[str, Any]:
+    """from_pretrained arguments for speculative decoding (pipeload serve --draft); an encoder
+    (nothing to draft) is served without."""
+    if not options.get("draft"):
+        return {}
+    from ..runtime.spec import open_model
+
+    if open_model(path).is_encoder:
+        return {}
+    return {"draft": options["draft"], "draft_tokens": options.get("draft_tokens") or "auto"}
+
+
 def _cluster_options(cluster: dict | None) -> dict[str, Any]:
     """from_pretrained arguments that put the model on a cluster (pipeload serve --cluster)."""
     if not cluster:
@@ -289,6 +303,7 @@ def worker_main(conn: Connection, options: dict[str, Any]) -> None:
                                               memory_limit=options.get("memory_limit"),
                                               batch_size=options["max_batch"], ctx=options.get("max_len"),
                                               threads=options.get("threads"),
+                                              **_draft_options(options, options["path"]),
                                               **_cluster_options(options.get("cluster")))
         worker = Worker(conn, model, options)
     except (PipeloadError, ValueError, OSError) as e:
