@@ -124,12 +124,15 @@ static void linear_task(const void *p, int64_t u0, int64_t u1) {
         /* measured (2 threads, weights from memory): block types gain 1.3-2x from software
          * prefetch; float rows lose (their hardware-prefetched stream is already fast) */
         const int prefetch = wj->type->block > 1;
-        if (j->m == 1 && wj->type->rows4) {  /* a decode step: four weight rows at a time */
-            float out[4];
-            for (; n + 4 <= n1; n += 4) {
-                wj->type->rows4(wj->w + n * wj->stride, wj->stride, j->k, act, 0, out);
-                for (int t = 0; t < 4; t++) store(wj->y, j->y_bf16, n + t, out[t]);
-            }
+        if (wj->type->rows4) {  /* four weight rows at a time, tiles of TILE_ROWS activation rows */
+            float out[4 * TILE_ROWS];
+            for (; n + 4 <= n1; n += 4)
+                for (int64_t r = 0; r < j->m; r += TILE_ROWS) {
+                    int R = j->m - r < TILE_ROWS ? (int)(j->m - r) : TILE_ROWS;
+                    wj->type->rows4(wj->w + n * wj->stride, wj->stride, j->k, act, r, R, out);
+                    for (int t = 0; t < R; t++)
+                        for (int i = 0; i < 4; i++) store(wj->y, j->y_bf16, (r + t) * wj->ldy + n + i, out[4 * t + i]);
+                }
         }
         for (; n < n1; n++) {
             const uint8_t *row = wj->w + n * wj->stride;

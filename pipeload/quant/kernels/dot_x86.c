@@ -147,65 +147,72 @@ PL_INLINE void prefetch_ahead(const uint8_t *w, int64_t stride, int64_t i, int64
     for (int64_t o = i * per; o < (i + 1) * per; o += 64) _mm_prefetch((const char *)ahead + o, _MM_HINT_T0);
 }
 
-/* Four weight rows (stride bytes apart) against one activation row, each row's arithmetic that of
- * legacy_tile for R = 1 (so the same bits), the activation blocks loaded once for the four.
- * Q4_0 and Q5_0 take their quants unsigned and subtract offset * (the block's sum of x) from the
- * integer sum, which is the same integer as the signed product, in fewer instructions. */
+/* Four weight rows (stride bytes apart) against R activation rows, each row's arithmetic that of
+ * legacy_tile (so the same bits), the weight blocks unpacked once for the R rows.
+ * out[t * 4 + i] = dot(weight row i, activation row r0 + t). Q4_0 and Q5_0 take their quants
+ * unsigned and subtract offset * (the block's sum of x) from the integer sum, which is the same
+ * integer as the signed product, in fewer instructions. */
 PL_INLINE void legacy_rows4(int qtype, int bytes, const uint8_t *w, int64_t stride, int64_t k, const pl_act *a,
-                            int64_t r, float *out) {
+                            int64_t r0, const int R, float *out) {
     const int offset = qtype == T_Q4_0 ? 8 : qtype == T_Q5_0 ? 16 : 0;
     const int is_signed = qtype == T_Q8_0;
     const int has_min = qtype == T_Q4_1 || qtype == T_Q5_1;
     const int64_t nb = k / QK, groups = nb / 4;
-    const int8_t *xq = act_q(a, r);
-    const float *xd = act_d32(a, r), *xs = has_min ? act_s32(a, r) : NULL;
-    __m128 acc[4];
-    for (int i = 0; i < 4; i++) acc[i] = _mm_setzero_ps();
+    __m128 acc[TILE_ROWS][4];
+    for (int t = 0; t < R; t++)
+        for (int i = 0; i < 4; i++) acc[t][i] = _mm_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const int64_t b = 4 * g;
         prefetch_ahead(w, stride, g, groups);
-        __m256i X[4];
-        for (int j = 0; j < 4; j++) X[j] = _mm256_loadu_si256((const __m256i *)(xq + (b + j) * QK));
-        __m128i xsum = _mm_setzero_si128();
-        if (offset) {
-            const __m256i ones = _mm256_set1_epi8(1);
-            xsum = hsum4_i32(dpbusd(_mm256_setzero_si256(), ones, X[0]), dpbusd(_mm256_setzero_si256(), ones, X[1]),
-                             dpbusd(_mm256_setzero_si256(), ones, X[2]), dpbusd(_mm256_setzero_si256(), ones, X[3]));
-            xsum = _mm_slli_epi32(xsum, offset == 8 ? 3 : 4);
-        }
-        const __m128 dx = _mm_loadu_ps(xd + b);
-        const __m128 sx = has_min ? _mm_loadu_ps(xs + b) : _mm_setzero_ps();
+        __m128i xsum[TILE_ROWS];
+        if (offset)
+            for (int t = 0; t < R; t++) {
+                const int8_t *x = act_q(a, r0 + t) + b * QK;
+                const __m256i ones = _mm256_set1_epi8(1), z = _mm256_setzero_si256();
+                xsum[t] = _mm_slli_epi32(
+                    hsum4_i32(dpbusd(z, ones, _mm256_loadu_si256((const __m256i *)x)),
+                              dpbusd(z, ones, _mm256_loadu_si256((const __m256i *)(x + QK))),
+                              dpbusd(z, ones, _mm256_loadu_si256((const __m256i *)(x + 2 * QK))),
+                              dpbusd(z, ones, _mm256_loadu_si256((const __m256i *)(x + 3 * QK)))),
+                    offset == 8 ? 3 : 4);
+            }
         for (int i = 0; i < 4; i++) {
             const uint8_t *blk = w + i * stride + b * bytes;
-            __m256i p[4];
+            wblock wb[4];
             for (int j = 0; j < 4; j++) {
                 const uint8_t *bj = blk + j * bytes;
-                if (qtype == T_Q4_0) p[j] = dpbusd(_mm256_setzero_si256(), nibbles_lo_hi(bj + 2), X[j]);
-                else if (qtype == T_Q5_0)
-                    p[j] = dpbusd(_mm256_setzero_si256(), _mm256_or_si256(nibbles_lo_hi(bj + 6), bits_to_bytes16(bj + 2)), X[j]);
-                else p[j] = block_dot(load_legacy(qtype, bj), X[j], is_signed);
+                if (qtype == T_Q4_0) wb[j] = UNSIGNED_W(nibbles_lo_hi(bj + 2));
+                else if (qtype == T_Q5_0) wb[j] = UNSIGNED_W(_mm256_or_si256(nibbles_lo_hi(bj + 6), bits_to_bytes16(bj + 2)));
+                else wb[j] = load_legacy(qtype, bj);
             }
-            __m128i isum = hsum4_i32(p[0], p[1], p[2], p[3]);
-            if (offset) isum = _mm_sub_epi32(isum, xsum);
-            __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(fp16x4(blk, bytes), dx));
-            if (has_min) v = _mm_add_ps(v, _mm_mul_ps(fp16x4(blk + 2, bytes), sx));
-            acc[i] = _mm_add_ps(acc[i], v);
+            const __m128 dw = fp16x4(blk, bytes), mw = has_min ? fp16x4(blk + 2, bytes) : _mm_setzero_ps();
+            for (int t = 0; t < R; t++) {
+                const int8_t *x = act_q(a, r0 + t) + b * QK;
+                __m256i p[4];
+                for (int j = 0; j < 4; j++) p[j] = block_dot(wb[j], _mm256_loadu_si256((const __m256i *)(x + j * QK)), is_signed);
+                __m128i isum = hsum4_i32(p[0], p[1], p[2], p[3]);
+                if (offset) isum = _mm_sub_epi32(isum, xsum[t]);
+                __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(dw, _mm_loadu_ps(act_d32(a, r0 + t) + b)));
+                if (has_min) v = _mm_add_ps(v, _mm_mul_ps(mw, _mm_loadu_ps(act_s32(a, r0 + t) + b)));
+                acc[t][i] = _mm_add_ps(acc[t][i], v);
+            }
         }
     }
-    for (int i = 0; i < 4; i++) {
-        float P[4];
-        _mm_storeu_ps(P, acc[i]);
-        for (int64_t bb = 4 * groups; bb < nb; bb++) {  /* the last nb % 4 blocks, as legacy_tile */
-            const uint8_t *blk = w + i * stride + bb * bytes;
-            __m256i p = block_dot(load_legacy(qtype, blk), _mm256_loadu_si256((const __m256i *)(xq + bb * QK)),
-                                  qtype == T_Q8_0 || offset);
-            int32_t isum = _mm_cvtsi128_si32(hsum4_i32(p, p, p, p));
-            float v = (float)isum * (load_fp16(blk) * xd[bb]);
-            if (has_min) v = v + load_fp16(blk + 2) * xs[bb];
-            P[bb % 4] = P[bb % 4] + v;
+    for (int t = 0; t < R; t++)
+        for (int i = 0; i < 4; i++) {
+            float P[4];
+            _mm_storeu_ps(P, acc[t][i]);
+            for (int64_t bb = 4 * groups; bb < nb; bb++) {  /* the last nb % 4 blocks, as legacy_tile */
+                const uint8_t *blk = w + i * stride + bb * bytes;
+                __m256i p = block_dot(load_legacy(qtype, blk), _mm256_loadu_si256((const __m256i *)(act_q(a, r0 + t) + bb * QK)),
+                                      qtype == T_Q8_0 || offset);
+                int32_t isum = _mm_cvtsi128_si32(hsum4_i32(p, p, p, p));
+                float v = (float)isum * (load_fp16(blk) * act_d32(a, r0 + t)[bb]);
+                if (has_min) v = v + load_fp16(blk + 2) * act_s32(a, r0 + t)[bb];
+                P[bb % 4] = P[bb % 4] + v;
+            }
+            out[4 * t + i] = (P[0] + P[1]) + (P[2] + P[3]);
         }
-        out[i] = (P[0] + P[1]) + (P[2] + P[3]);
-    }
 }
 
 #define TILED(NAME, CALL)                                                                           \
@@ -229,9 +236,14 @@ TILED(q4_1, Q4_1_CALL)
 TILED(q5_0, Q5_0_CALL)
 TILED(q5_1, Q5_1_CALL)
 
-#define LEGACY_ROWS4(NAME, QT, BYTES) \
-    void rows4_##NAME(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r, float *out) { \
-        legacy_rows4(QT, BYTES, w, stride, k, a, r, out);                                                 \
+#define LEGACY_ROWS4(NAME, QT, BYTES)                                                                       \
+    void rows4_##NAME(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r0, int R, float *out) { \
+        switch (R) {                                                                                            \
+            case 1: legacy_rows4(QT, BYTES, w, stride, k, a, r0, 1, out); break;                                \
+            case 2: legacy_rows4(QT, BYTES, w, stride, k, a, r0, 2, out); break;                                \
+            case 3: legacy_rows4(QT, BYTES, w, stride, k, a, r0, 3, out); break;                                \
+            default: legacy_rows4(QT, BYTES, w, stride, k, a, r0, 4, out); break;                               \
+        }                                                                                                       \
     }
 LEGACY_ROWS4(q8_0, T_Q8_0, 34)
 LEGACY_ROWS4(q4_0, T_Q4_0, 18)
@@ -399,33 +411,41 @@ PL_INLINE void kq_tile(int qtype, const uint8_t *w, int64_t k, const pl_act *a, 
     for (int t = 0; t < R; t++) out[t] = acc[t];
 }
 
-/* Four weight rows (stride bytes apart) against one activation row: a decode product's step.
- * The activation row is loaded once for the four, the horizontal sums of four rows are done
- * together, and the float step runs on the four rows' lanes at once; each lane performs exactly
- * the operations kquant_step performs, so every output has the bits of kq_tile's. */
-PL_INLINE void kq_rows4(int qtype, const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r, float *out) {
+/* Four weight rows (stride bytes apart) against R activation rows r0 .. r0 + R - 1: decode steps
+ * and small batches. The weight rows are unpacked once for the R activation rows, the horizontal
+ * sums of four weight rows are done together, and the float step runs on the four rows' lanes at
+ * once; each lane performs exactly the operations kquant_step performs, so every output has the
+ * bits of kq_tile's. out[t * 4 + i] = dot(weight row i, activation row r0 + t). */
+PL_INLINE void kq_rows4(int qtype, const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r0,
+                        const int R, float *out) {
     const int bytes = kq_bytes(qtype);
     const int d_off = qtype == T_Q2_K ? 80 : qtype == T_Q3_K ? 108 : qtype == T_Q6_K ? 208 : 0;
     const int dmin_off = qtype == T_Q2_K ? 82 : qtype == T_Q3_K ? 108 : qtype == T_Q6_K ? 208 : 2;
-    __m128 acc = _mm_setzero_ps();
+    __m128 acc[TILE_ROWS];
+    for (int t = 0; t < R; t++) acc[t] = _mm_setzero_ps();
     const int64_t nb = k / QKK;
     for (int64_t b = 0; b < nb; b++) {
         prefetch_ahead(w, stride, b, nb);
-        __m256i X[8], sumi[4], summ[4];
-        load_x256(act_q(a, r) + b * QKK, X);
-        const __m256i bs = _mm256_loadu_si256((const __m256i *)(act_bsums(a, r) + b * 16));
+        __m256i sumi[TILE_ROWS][4], summ[TILE_ROWS][4];
         for (int i = 0; i < 4; i++) {
             ksuper u;
             kq_unpack(qtype, w + i * stride + b * bytes, &u);
-            kq_sums(&u, X, bs, &sumi[i], &summ[i]);
+            for (int t = 0; t < R; t++) {
+                __m256i X[8];
+                load_x256(act_q(a, r0 + t) + b * QKK, X);
+                kq_sums(&u, X, _mm256_loadu_si256((const __m256i *)(act_bsums(a, r0 + t) + b * 16)), &sumi[t][i],
+                        &summ[t][i]);
+            }
         }
-        const __m128 isum = _mm_cvtepi32_ps(hsum4_i32(sumi[0], sumi[1], sumi[2], sumi[3]));
-        const __m128 msum = _mm_cvtepi32_ps(hsum4_i32(summ[0], summ[1], summ[2], summ[3]));
-        const __m128 dx = _mm_set1_ps(act_dK(a, r)[b]);
         const __m128 d = fp16x4(w + b * bytes + d_off, stride), dmin = fp16x4(w + b * bytes + dmin_off, stride);
-        acc = _mm_add_ps(acc, _mm_sub_ps(_mm_mul_ps(_mm_mul_ps(d, dx), isum), _mm_mul_ps(_mm_mul_ps(dmin, dx), msum)));
+        for (int t = 0; t < R; t++) {
+            const __m128 isum = _mm_cvtepi32_ps(hsum4_i32(sumi[t][0], sumi[t][1], sumi[t][2], sumi[t][3]));
+            const __m128 msum = _mm_cvtepi32_ps(hsum4_i32(summ[t][0], summ[t][1], summ[t][2], summ[t][3]));
+            const __m128 dx = _mm_set1_ps(act_dK(a, r0 + t)[b]);
+            acc[t] = _mm_add_ps(acc[t], _mm_sub_ps(_mm_mul_ps(_mm_mul_ps(d, dx), isum), _mm_mul_ps(_mm_mul_ps(dmin, dx), msum)));
+        }
     }
-    _mm_storeu_ps(out, acc);
+    for (int t = 0; t < R; t++) _mm_storeu_ps(out + 4 * t, acc[t]);
 }
 
 #define Q2_K_CALL(R) kq_tile(T_Q2_K, w, k, a, r0, R, out)
@@ -439,9 +459,14 @@ TILED(q4_K, Q4_K_CALL)
 TILED(q5_K, Q5_K_CALL)
 TILED(q6_K, Q6_K_CALL)
 
-#define ROWS4(NAME, QT) \
-    void rows4_##NAME(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r, float *out) { \
-        kq_rows4(QT, w, stride, k, a, r, out);                                                            \
+#define ROWS4(NAME, QT)                                                                                     \
+    void rows4_##NAME(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r0, int R, float *out) { \
+        switch (R) {                                                                                            \
+            case 1: kq_rows4(QT, w, stride, k, a, r0, 1, out); break;                                           \
+            case 2: kq_rows4(QT, w, stride, k, a, r0, 2, out); break;                                           \
+            case 3: kq_rows4(QT, w, stride, k, a, r0, 3, out); break;                                           \
+            default: kq_rows4(QT, w, stride, k, a, r0, 4, out); break;                                          \
+        }                                                                                                       \
     }
 ROWS4(q2_K, T_Q2_K)
 ROWS4(q3_K, T_Q3_K)

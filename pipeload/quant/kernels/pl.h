@@ -81,10 +81,10 @@ PL_INLINE const float *act_f(const pl_act *a, int64_t r) { return a->f + r * a->
 /* A decode product on one weight row: out[t] = dot(row w, activation row r0 + t) for t < R,
  * R <= TILE_ROWS. The per-row arithmetic must not depend on R. */
 typedef void (*pl_dot_fn)(const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, int R, float *out);
-/* A decode product on four weight rows stride bytes apart against activation row r: out[i] =
- * dot(row w + i * stride, row r), with the bits `pl_dot_fn` gives each row (an optional, faster
- * path for one activation row: the row is loaded once for the four). */
-typedef void (*pl_rows4_fn)(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r, float *out);
+/* A decode product on four weight rows stride bytes apart against activation rows r0 .. r0 + R - 1
+ * (R <= TILE_ROWS): out[t * 4 + i] = dot(row w + i * stride, row r0 + t), with the bits `pl_dot_fn`
+ * gives each row (an optional, faster path: the four weight rows' blocks are unpacked once). */
+typedef void (*pl_rows4_fn)(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r0, int R, float *out);
 /* Dequantize one row of k values to float32 (bit-exact with gguf-py's float32 dequantization). */
 typedef void (*pl_dequant_fn)(const uint8_t *w, int64_t k, float *out);
 
@@ -178,7 +178,7 @@ PL_DECLARE(f32) PL_DECLARE(f16) PL_DECLARE(bf16)
 #undef PL_DECLARE
 
 #if defined(PL_X86)
-#define PL_DECLARE(T) void rows4_##T(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r, float *out);
+#define PL_DECLARE(T) void rows4_##T(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r0, int R, float *out);
 PL_DECLARE(q4_0) PL_DECLARE(q4_1) PL_DECLARE(q5_0) PL_DECLARE(q5_1) PL_DECLARE(q8_0)
 PL_DECLARE(q2_K) PL_DECLARE(q3_K) PL_DECLARE(q4_K) PL_DECLARE(q5_K) PL_DECLARE(q6_K)
 #undef PL_DECLARE
