@@ -253,12 +253,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _failure(r: dict) -> str:
+    """What happened to a contender that returned no result: its cgroup OOM-killed it, or it failed."""
+    return "OOM-killed" if r["oom_killed"] else f"failed (exit {r['returncode']})"
+
+
 def _row(model: dict, shape: dict, machine: dict, label: str, r: dict, batch: int) -> list:
     name = f"{model['name']} ({shape['weight_bytes'] / GB:.2f} GB)"
     res = r["result"]
     if res is None:
-        what = "OOM-killed" if r["oom_killed"] else f"failed ({r['returncode']})"
-        return [name, label, batch, f"{r['max_usage'] / GB:.2f}", "-", what, "-", "-", "-"]
+        return [name, label, batch, f"{r['max_usage'] / GB:.2f}", "-", _failure(r), "-", "-", "-"]
     one = res["results"][str(batch)] if str(batch) in res["results"] else res["results"][batch]
     tokens = model["ctx"]
     bound, which = _bound(res, machine, _flops(shape, batch, tokens), batch)
@@ -277,12 +281,15 @@ def _summary(data: dict, batch: int) -> str:
 
         def speed(c):
             r = c["result"]
-            return r["results"][str(batch)]["samples_per_s"] if r is not None else float("nan")
+            return r["results"][str(batch)]["samples_per_s"] if r is not None else None
+
+        def ratio(c, base):
+            return "-" if speed(c) is None or speed(base) is None else f"{speed(c) / speed(base):.2f}x"
 
         for label, c in by.items():
             peak = max(c["max_usage"], c["result"]["peak_rss"]) if c["result"] is not None else c["max_usage"]
-            rows.append([entry["name"], label, f"{peak / GB:.2f}", f"{speed(c):.2f}",
-                         f"{speed(c) / speed(ref):.2f}x", f"{speed(c) / speed(resident):.2f}x"])
+            rows.append([entry["name"], label, f"{peak / GB:.2f}",
+                         _failure(c) if speed(c) is None else f"{speed(c):.2f}", ratio(c, ref), ratio(c, resident)])
     return (f"At batch {batch} (peak = the larger of cgroup peak and peak RSS):\n\n"
             + markdown_table(["model", "contender", "peak GB", "samples/s", "vs transformers", "vs pipeload resident"],
                              rows))
