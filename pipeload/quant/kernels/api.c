@@ -102,13 +102,14 @@ PL_INLINE void store(void *y, int y_bf16, int64_t idx, float v) {
 /* Rows this far ahead are prefetched (every other 64-byte line: the CPU fetches lines in pairs):
  * a decode product streams its weights from memory once, and the hardware prefetcher alone
  * leaves it at a quarter to a third of the memory's bandwidth. */
-#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
-#endif
 
 PL_INLINE void prefetch_row(const uint8_t *row, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 128) __builtin_prefetch(row + o, 0, 3);
 }
+
+/* activation rows in the tile that starts at row r of m */
+PL_INLINE int tile_rows(int64_t m, int64_t r) { return m - r < TILE_ROWS ? (int)(m - r) : TILE_ROWS; }
 
 static void linear_task(const void *p, int64_t u0, int64_t u1) {
     const linear_job *j = p;
@@ -121,14 +122,16 @@ static void linear_task(const void *p, int64_t u0, int64_t u1) {
         if (n1 > wj->n) n1 = wj->n;
         const pl_act *act = &j->act[wj->type->act];
         int64_t n = n0;
-        /* measured (2 threads, weights from memory): block types gain 1.3-2x from software
-         * prefetch; float rows lose (their hardware-prefetched stream is already fast) */
+        /* measured on x86 (2 threads, weights from memory) before the four-row kernels existed,
+         * when every row came through here: block types gained 1.3-2x from software prefetch,
+         * float rows lost (their hardware-prefetched stream is already fast). On x86 it now
+         * serves the last rows of a chunk; on ARM every row (not measured there). */
         const int prefetch = wj->type->block > 1;
         if (wj->type->rows4) {  /* four weight rows at a time, tiles of TILE_ROWS activation rows */
             float out[4 * TILE_ROWS];
             for (; n + 4 <= n1; n += 4)
                 for (int64_t r = 0; r < j->m; r += TILE_ROWS) {
-                    int R = j->m - r < TILE_ROWS ? (int)(j->m - r) : TILE_ROWS;
+                    int R = tile_rows(j->m, r);
                     wj->type->rows4(wj->w + n * wj->stride, wj->stride, j->k, act, r, R, out);
                     for (int t = 0; t < R; t++)
                         for (int i = 0; i < 4; i++) store(wj->y, j->y_bf16, (r + t) * wj->ldy + n + i, out[4 * t + i]);
@@ -138,7 +141,7 @@ static void linear_task(const void *p, int64_t u0, int64_t u1) {
             const uint8_t *row = wj->w + n * wj->stride;
             if (prefetch) prefetch_row(row + PREFETCH_ROWS * wj->stride, wj->stride);
             for (int64_t r = 0; r < j->m; r += TILE_ROWS) {
-                int R = j->m - r < TILE_ROWS ? (int)(j->m - r) : TILE_ROWS;
+                int R = tile_rows(j->m, r);
                 float out[TILE_ROWS];
                 wj->type->dot(row, j->k, act, r, R, out);
                 for (int t = 0; t < R; t++) store(wj->y, j->y_bf16, (r + t) * wj->ldy + n, out[t]);

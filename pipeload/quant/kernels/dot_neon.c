@@ -96,15 +96,8 @@ PL_INLINE void legacy_tile(int qtype, int bytes, const uint8_t *w, int64_t k, co
     }
 }
 
-#define TILED(NAME, CALL)                                                                           \
-    void dot_##NAME(const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, int R, float *out) {   \
-        switch (R) {                                                                                \
-            case 1: CALL(1); break;                                                                 \
-            case 2: CALL(2); break;                                                                 \
-            case 3: CALL(3); break;                                                                 \
-            default: CALL(4); break;                                                                \
-        }                                                                                           \
-    }
+#define TILED(NAME, CALL) \
+    void dot_##NAME(const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, int R, float *out) { PL_SWITCH_R(CALL) }
 
 #define Q8_0_CALL(R) legacy_tile(T_Q8_0, 34, w, k, a, r0, R, out)
 #define Q4_0_CALL(R) legacy_tile(T_Q4_0, 18, w, k, a, r0, R, out)

@@ -13,9 +13,7 @@
 
 #if defined(PL_X86)
 
-#ifndef PL_PREFETCH_GROUPS
-#define PL_PREFETCH_GROUPS 4
-#endif
+#define PL_PREFETCH_GROUPS 4  /* how far ahead the four-row kernels prefetch (1-16 measured alike) */
 
 PL_INLINE __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 #if defined(PL_AVX512VNNI)
@@ -215,15 +213,8 @@ PL_INLINE void legacy_rows4(int qtype, int bytes, const uint8_t *w, int64_t stri
         }
 }
 
-#define TILED(NAME, CALL)                                                                           \
-    void dot_##NAME(const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, int R, float *out) {   \
-        switch (R) {                                                                                \
-            case 1: CALL(1); break;                                                                 \
-            case 2: CALL(2); break;                                                                 \
-            case 3: CALL(3); break;                                                                 \
-            default: CALL(4); break;                                                                \
-        }                                                                                           \
-    }
+#define TILED(NAME, CALL) \
+    void dot_##NAME(const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, int R, float *out) { PL_SWITCH_R(CALL) }
 
 #define Q8_0_CALL(R) legacy_tile(T_Q8_0, 34, w, k, a, r0, R, out)
 #define Q4_0_CALL(R) legacy_tile(T_Q4_0, 18, w, k, a, r0, R, out)
@@ -236,14 +227,11 @@ TILED(q4_1, Q4_1_CALL)
 TILED(q5_0, Q5_0_CALL)
 TILED(q5_1, Q5_1_CALL)
 
-#define LEGACY_ROWS4(NAME, QT, BYTES)                                                                       \
+#define LEGACY_ROWS4_CALL(R) legacy_rows4(qt, bytes, w, stride, k, a, r0, R, out)
+#define LEGACY_ROWS4(NAME, QT, BYTES)                                                                           \
     void rows4_##NAME(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r0, int R, float *out) { \
-        switch (R) {                                                                                            \
-            case 1: legacy_rows4(QT, BYTES, w, stride, k, a, r0, 1, out); break;                                \
-            case 2: legacy_rows4(QT, BYTES, w, stride, k, a, r0, 2, out); break;                                \
-            case 3: legacy_rows4(QT, BYTES, w, stride, k, a, r0, 3, out); break;                                \
-            default: legacy_rows4(QT, BYTES, w, stride, k, a, r0, 4, out); break;                               \
-        }                                                                                                       \
+        const int qt = QT, bytes = BYTES;                                                                       \
+        PL_SWITCH_R(LEGACY_ROWS4_CALL)                                                                          \
     }
 LEGACY_ROWS4(q8_0, T_Q8_0, 34)
 LEGACY_ROWS4(q4_0, T_Q4_0, 18)
@@ -279,12 +267,9 @@ PL_INLINE void unpack_q45k(int five, const uint8_t *blk, ksuper *u) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     u->d = load_fp16(blk);
     u->dmin = load_fp16(blk + 2);
-    /* the 8 scales and 8 mins as in kquant_scale_min, built in registers (a vector load of bytes
-     * just stored would wait for the stores: no store-to-load forwarding across two stores) */
-    uint32_t w0, w1, w2;
-    memcpy(&w0, blk + 4, 4); memcpy(&w1, blk + 8, 4); memcpy(&w2, blk + 12, 4);
-    const __m128i packed = _mm_set_epi32((int)(((w2 >> 4) & 0x0F0F0F0F) | ((w1 >> 2) & 0x30303030)), (int)(w1 & 0x3F3F3F3F),
-                                         (int)((w2 & 0x0F0F0F0F) | ((w0 >> 2) & 0x30303030)), (int)(w0 & 0x3F3F3F3F));
+    uint32_t o[4];
+    kquant_scale_min_words(blk + 4, o);  /* built in registers, not loaded from bytes just stored */
+    const __m128i packed = _mm_set_epi32((int)o[3], (int)o[2], (int)o[1], (int)o[0]);
     const __m256i sm = _mm256_cvtepu8_epi16(packed);  /* sc 0-7 | mn 0-7 */
     const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00), mn = _mm256_permute2x128_si256(sm, sm, 0x11);
     /* mins: lane pair (2 s, 2 s + 1) of the 16 bsums gets mn[s] */
@@ -459,14 +444,11 @@ TILED(q4_K, Q4_K_CALL)
 TILED(q5_K, Q5_K_CALL)
 TILED(q6_K, Q6_K_CALL)
 
-#define ROWS4(NAME, QT)                                                                                     \
+#define KQ_ROWS4_CALL(R) kq_rows4(qt, w, stride, k, a, r0, R, out)
+#define ROWS4(NAME, QT)                                                                                         \
     void rows4_##NAME(const uint8_t *w, int64_t stride, int64_t k, const pl_act *a, int64_t r0, int R, float *out) { \
-        switch (R) {                                                                                            \
-            case 1: kq_rows4(QT, w, stride, k, a, r0, 1, out); break;                                           \
-            case 2: kq_rows4(QT, w, stride, k, a, r0, 2, out); break;                                           \
-            case 3: kq_rows4(QT, w, stride, k, a, r0, 3, out); break;                                           \
-            default: kq_rows4(QT, w, stride, k, a, r0, 4, out); break;                                          \
-        }                                                                                                       \
+        const int qt = QT;                                                                                      \
+        PL_SWITCH_R(KQ_ROWS4_CALL)                                                                              \
     }
 ROWS4(q2_K, T_Q2_K)
 ROWS4(q3_K, T_Q3_K)

@@ -168,6 +168,16 @@ PL_INLINE float float_tree64(const float *p) {
     return t[0] + t[1];
 }
 
+/* CALL(R) with R a compile-time constant 1..TILE_ROWS (the kernels unroll their tiles on it);
+ * used inside a function with an int R in scope */
+#define PL_SWITCH_R(CALL)                 \
+    switch (R) {                          \
+        case 1: CALL(1); break;           \
+        case 2: CALL(2); break;           \
+        case 3: CALL(3); break;           \
+        default: CALL(4); break;          \
+    }
+
 /* ---- per-format row kernels (dot_*.c, dequant.c) ---- */
 #define PL_DECLARE(T) \
     void dot_##T(const uint8_t *w, int64_t k, const pl_act *a, int64_t r0, int R, float *out); \
@@ -192,13 +202,20 @@ PL_DECLARE(f32) PL_DECLARE(f16) PL_DECLARE(bf16)
 #undef PL_DECLARE
 
 /* Q4_K / Q5_K: the 8 six-bit scales and mins of a super-block from its 12 packed bytes */
-PL_INLINE void kquant_scale_min(const uint8_t *p, uint8_t sc[8], uint8_t mn[8]) {
-    uint32_t w0, w1, w2, o[4];
+/* ... as four 32-bit words, one byte per value: sc 0-3, sc 4-7, mn 0-3, mn 4-7 (for building a
+ * vector in registers: a vector load of bytes just stored waits for the stores) */
+PL_INLINE void kquant_scale_min_words(const uint8_t *p, uint32_t o[4]) {
+    uint32_t w0, w1, w2;
     memcpy(&w0, p, 4); memcpy(&w1, p + 4, 4); memcpy(&w2, p + 8, 4);
     o[0] = w0 & 0x3F3F3F3F;                                     /* sc 0-3 */
     o[1] = (w2 & 0x0F0F0F0F) | ((w0 >> 2) & 0x30303030);        /* sc 4-7 */
     o[2] = w1 & 0x3F3F3F3F;                                     /* mn 0-3 */
     o[3] = ((w2 >> 4) & 0x0F0F0F0F) | ((w1 >> 2) & 0x30303030); /* mn 4-7 */
+}
+
+PL_INLINE void kquant_scale_min(const uint8_t *p, uint8_t sc[8], uint8_t mn[8]) {
+    uint32_t o[4];
+    kquant_scale_min_words(p, o);
     memcpy(sc, o, 8);
     memcpy(mn, o + 2, 8);
 }
