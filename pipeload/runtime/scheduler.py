@@ -248,7 +248,7 @@ class Scheduler:
         """One speculative round for the lone greedy sequence: the draft's k tokens and the last
         one checked in one pass; the tokens up to the first disagreement, and the target's own
         token there, are emitted (at least one token, as a decode pass)."""
-        from .speculative import DraftLength
+        from .speculative import DraftLength, verification_logits
 
         seq = self.active[0]
         if self._draft_for is not seq:
@@ -264,31 +264,24 @@ class Scheduler:
         t1 = time.perf_counter()
         if not drafts:
             events = self._decode()
-        else:
-            tokens = torch.tensor([[seq.history[-1]] + drafts])             # (1, 1 + k')
-            positions = torch.arange(pos, pos + 1 + len(drafts))[None]      # (1, 1 + k')
-            logits = self.engine.executor.forward(tokens, positions, self.cache.rows(0, 1), lone_queries=True)[0]
-            self.counters["decode_passes"] += 1
-            self.counters["speculative_passes"] += 1
-            self.counters["draft_proposed"] += len(drafts)
-            self.last_batch = 1
-            events, accepted = [], 0
-            for i in range(1 + len(drafts)):
-                event = self._advance(seq, logits[i:i + 1])
-                events.append(event)
-                if event.finish_reason is not None or i == len(drafts) or event.token != drafts[i]:
-                    break
-                accepted += 1
-            self.counters["draft_accepted"] += accepted
-            self.counters["generated_tokens"] += len(events)
-            if events[-1].finish_reason is not None:
-                self.counters["finished"] += 1
-                self._free([0])
-            if seq.draft_length is not None:
-                seq.draft_length.record(len(drafts), accepted, t1 - t0, time.perf_counter() - t1)
+            if seq.draft_length is not None:  # a plain pass: what a round without drafts costs
+                seq.draft_length.record(0, 0, 0.0, time.perf_counter() - t1)
             return events
-        if seq.draft_length is not None:  # a plain pass: what a round without drafts costs
-            seq.draft_length.record(0, 0, 0.0, time.perf_counter() - t1)
+        logits = verification_logits(self.engine, self.cache.rows(0, 1), seq.history[-1], drafts, pos)
+        self.counters["decode_passes"] += 1
+        self.counters["speculative_passes"] += 1
+        self.counters["draft_proposed"] += len(drafts)
+        self.last_batch = 1
+        events, accepted = [], 0
+        for i in range(1 + len(drafts)):
+            events.append(self._advance(seq, logits[i:i + 1]))
+            if events[-1].finish_reason is not None or i == len(drafts) or events[-1].token != drafts[i]:
+                break
+            accepted += 1
+        self.counters["draft_accepted"] += accepted
+        if seq.draft_length is not None:
+            seq.draft_length.record(len(drafts), accepted, t1 - t0, time.perf_counter() - t1)
+        self._account(events, [0] if events[-1].finish_reason is not None else [])
         return events
 
     def _advance(self, seq: _Sequence, row: torch.Tensor) -> Event:
@@ -315,10 +308,14 @@ class Scheduler:
             events.append(event)
             if event.finish_reason is not None:
                 finished.append(r)
+        self._account(events, finished)
+        return events
+
+    def _account(self, events: list[Event], finished: list[int]) -> None:
+        """Count a pass's tokens and finished sequences; free the finished rows."""
         self.counters["generated_tokens"] += len(events)
         self.counters["finished"] += len(finished)
         self._free(finished)
-        return events
 
     def _text_event(self, seq: _Sequence, tok: int) -> Event:
         """The text delta and finish reason after `tok` (runtime/textstream.py, as stream_generate)."""

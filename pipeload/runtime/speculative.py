@@ -164,6 +164,15 @@ class ModelDraft:
         return out, dists
 
 
+def verification_logits(engine: Engine, cache, last_token: int, drafts: list[int], pos: int) -> torch.Tensor:
+    """Logits (1 + k, V) of the target at the last token (position pos, not yet in the cache) and
+    the k drafts after it, in one pass over its weights, each with the bits of its lone decode
+    step (`lone_queries`). The cache gains their keys; rejected ones are simply overwritten."""
+    tokens = torch.tensor([[last_token] + drafts])                # (1, 1 + k)
+    positions = torch.arange(pos, pos + 1 + len(drafts))[None]    # (1, 1 + k)
+    return engine.executor.forward(tokens, positions, cache, lone_queries=True)[0]
+
+
 def speculative_pick(p: torch.Tensor, d: int, q: torch.Tensor | None, generator: torch.Generator) -> tuple[int, bool]:
     """(token, accepted) at one verified position: draft token d kept with probability
     min(1, p(d) / q(d)), else a token drawn from max(0, p - q) normalised. p, q: (V,)
@@ -316,12 +325,11 @@ class SpeculativeGenerator:
             t_pass = time.perf_counter()
             draft_seconds = t_pass - t_draft
             st.draft_seconds += draft_seconds
-            tokens = torch.tensor([[history[-1]] + drafts])                              # (1, 1 + k')
-            positions = torch.arange(pos, pos + 1 + len(drafts))[None]                   # (1, 1 + k')
             if drafts:
-                logits = eng.executor.forward(tokens, positions, cache, lone_queries=True)[0]   # (1 + k', V)
+                logits = verification_logits(eng, cache, history[-1], drafts, pos)          # (1 + k', V)
             else:  # nothing proposed: a plain decode step
-                logits = eng.executor.forward(tokens, positions, cache, logit_index=torch.zeros(1, dtype=torch.long))
+                logits = eng.executor.forward(torch.tensor([[history[-1]]]), torch.tensor([[pos]]), cache,
+                                              logit_index=torch.zeros(1, dtype=torch.long))
             pass_seconds = time.perf_counter() - t_pass
             st.decode_passes += 1
             st.draft_proposed += len(drafts)
