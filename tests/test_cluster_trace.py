@@ -68,6 +68,10 @@ def test_breakdown_splits_allreduce_into_waiting_and_hand_over(tmp_path):
     assert b["handover_us"]["tensor-rank1-w1: receive from rank 0"] == pytest.approx(200.0)
     assert b["handover_us"]["tensor-rank2-w2: all-reduce"] == pytest.approx(200.0)
     assert b["tokens_per_second"] == pytest.approx(100.0)
+    # rank 1's 3 ms wait is a stall (>= 1 ms); rank 2 did not wait
+    assert b["allreduce_stalls"]["tensor-rank1-w1"] == pytest.approx({"per_token": 1.0, "ms_per_token": 3.0})
+    assert b["allreduce_stalls"]["tensor-rank2-w2"] == {"per_token": 0.0, "ms_per_token": 0.0}
+    assert "1 ms or more (stalls)" in trace_report.table("run", b)
     png = trace_report.plot({"run": b}, tmp_path / "b.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 

@@ -17,6 +17,10 @@ process's time is split per decoded token into:
   message unpacking into tensors, the reply's construction);
 - rest: the remainder of the window (the data loop itself, other threads holding the GIL).
 
+The all-reduce waits are also split by length: a wait of STALL_SECONDS or more is a stall (the
+other rank was off its core or far behind, not a few µs of uneven work); the table lists stalls
+per token and the ms they hold, so a jittery host shows apart from a lopsided split.
+
 Hand-over latencies are matched across processes: a receive that was already waiting when the
 sender posted its message measures the hop itself (wire + wake-up).
 """
@@ -29,6 +33,7 @@ from pathlib import Path
 
 CATEGORIES = ["compute", "all-reduce: waiting for other ranks", "all-reduce: hand-over", "receive wait",
               "send wait", "serialisation", "step overhead", "rest"]
+STALL_SECONDS = 1e-3  # an all-reduce wait this long or longer counts as a stall
 COLOURS = {"compute": "#4c72b0", "all-reduce: waiting for other ranks": "#dd8452", "all-reduce: hand-over": "#c44e52",
            "receive wait": "#bbbbbb", "send wait": "#8c8c8c", "serialisation": "#55a868", "step overhead": "#8172b3",
            "rest": "#eeeeee", "generation loop": "#937860", "waiting for logits": "#bbbbbb"}
@@ -94,7 +99,7 @@ def breakdown(directory: Path) -> dict:
         for name, _, _, t1, args in p["events"]:
             if name == "pack":
                 posted[(args["step"], args["op"], args["dst"])] = t1
-    rows, handovers = {}, {}
+    rows, handovers, stalls = {}, {}, {}
     for label, p in procs.items():
         ev = _inside(p["events"], w0, w1)
         ms = {}
@@ -115,12 +120,14 @@ def breakdown(directory: Path) -> dict:
             reduces = [e for e in ev if e[0] == "all-reduce"]
             layer_time = _sum(layers, *{e[0] for e in layers})
             ms["compute"] = layer_time - _nested(reduces, layers)
-            wait = hand = 0.0
-            lat = []
+            wait = hand = stalled = 0.0
+            lat, n_stalls = [], 0
             for _, _, t0, t1, args in reduces:
                 last = max(entries[args["seq"]])
                 w = min(max(0.0, last - t0), t1 - t0)
                 wait += w
+                if w >= STALL_SECONDS:
+                    n_stalls, stalled = n_stalls + 1, stalled + w
                 hand += (t1 - t0) - w
                 lat.append(t1 - max(t0, last))
             ms["all-reduce: waiting for other ranks"], ms["all-reduce: hand-over"] = wait, hand
@@ -132,6 +139,7 @@ def breakdown(directory: Path) -> dict:
             ms = {k: 1e3 * v / tokens for k, v in ms.items()}
             if lat:
                 handovers[f"{label}: all-reduce"] = 1e6 * statistics.median(lat)
+                stalls[label] = {"per_token": n_stalls / tokens, "ms_per_token": 1e3 * stalled / tokens}
         # hops: receives already waiting when their message was posted
         hop = []
         for name, _, t0, t1, args in ev:
@@ -143,7 +151,7 @@ def breakdown(directory: Path) -> dict:
             handovers[f"{label}: receive from rank {_src(ev)}"] = 1e6 * statistics.median(hop)
         rows[label] = ms
     return {"tokens": tokens, "streams": streams, "seconds": window, "tokens_per_second": tokens / window,
-            "ms_per_token": rows, "handover_us": handovers}
+            "ms_per_token": rows, "handover_us": handovers, "allreduce_stalls": stalls}
 
 
 def _src(ev) -> str:
@@ -172,8 +180,12 @@ def table(name: str, b: dict) -> str:
     head = (f"### {name}: {b['tokens_per_second']:.1f} tok/s traced ({b['tokens']} tokens, {b['streams']} "
             f"stream(s), {b['seconds']:.2f} s)\n\nms per decoded token:\n\n")
     hand = "\n".join(f"- {k}: {v:.0f} µs" for k, v in b["handover_us"].items())
+    stall = "\n".join(f"- {k}: {v['per_token']:.1f} per token, {v['ms_per_token']:.3g} ms per token"
+                      for k, v in b.get("allreduce_stalls", {}).items())
     return head + markdown_table(["process"] + used + ["total"], rows) + \
-        ("\n\nhand-over latency (median, wire + wake-up):\n\n" + hand if hand else "")
+        ("\n\nhand-over latency (median, wire + wake-up):\n\n" + hand if hand else "") + \
+        (f"\n\nall-reduce waits of {STALL_SECONDS * 1e3:g} ms or more (stalls), inside the waiting above:\n\n"
+         + stall if stall else "")
 
 
 def plot(results: dict[str, dict], path: Path) -> Path:

@@ -286,6 +286,59 @@ def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 
 # ---------------------------------------------------------------------------------------------
+# Decoder attention: q/k/v projections, optional q/k norms, rotary embeddings
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Attention variants of the decoder families: q/k/v biases (Qwen2), RMSNorm of q and k per
+    head (Qwen3, Qwen3-MoE, Gemma 3) or over the whole projection (OLMoE), clamping of q/k/v
+    (OLMoE)."""
+
+    qkv_bias: bool = False
+    qk_norm: str | None = None     # None, "head" or "full"
+    clip_qkv: float | None = None
+
+
+def add_qk_norms(block: nn.Module, args, qk_norm: str | None, norm: type = None) -> None:
+    """Give `block` its q/k norms (`attn_q_norm`, `attn_k_norm`, GGUF names) for `qk_norm`
+    ("head": one vector of head_dim shared by every head; "full": over the whole projection)."""
+    norm = norm or RMSNorm
+    if qk_norm == "head":
+        block.attn_q_norm, block.attn_k_norm = norm(args.head_dim, args.norm_eps), norm(args.head_dim, args.norm_eps)
+    elif qk_norm == "full":
+        block.attn_q_norm = norm(args.n_heads * args.head_dim, args.norm_eps)
+        block.attn_k_norm = norm(args.n_kv_heads * args.head_dim, args.norm_eps)
+    elif qk_norm is not None:
+        raise ValueError(f"qk_norm must be None, 'head' or 'full', got {qk_norm!r}")
+
+
+def rope_qkv(block: nn.Module, x: torch.Tensor, step: StepInputs, cfg: AttentionConfig,
+             style: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, H, T, hd), k, v (B, Hkv, T, hd) of the normed input x (B, T, D): the block's fused
+    `qkv` pass, its q/k norms and clamping (cfg), then rotary embeddings of `style` from step's
+    tables. The block has `args` (n_heads, n_kv_heads, head_dim), `qkv` and, with cfg.qk_norm,
+    `attn_q_norm` / `attn_k_norm` (add_qk_norms)."""
+    a = block.args
+    B, T, _ = x.shape
+    q, k, v = block.qkv(x)  # (B, T, H*hd), (B, T, Hkv*hd) x 2
+    if cfg.qk_norm == "full":
+        q, k = block.attn_q_norm(q), block.attn_k_norm(k)
+    if cfg.clip_qkv is not None:
+        q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    q = q.view(B, T, a.n_heads, a.head_dim)
+    k = k.view(B, T, a.n_kv_heads, a.head_dim)
+    v = v.view(B, T, a.n_kv_heads, a.head_dim)
+    if cfg.qk_norm == "head":
+        q, k = block.attn_q_norm(q), block.attn_k_norm(k)
+    cos, sin = step.cos.transpose(1, 2), step.sin.transpose(1, 2)  # (B, T, 1, rot/2)
+    cis = step.cis.transpose(1, 2) if step.cis is not None else None
+    q = apply_rope(q, cos, sin, style, cis).transpose(1, 2)  # (B, H, T, hd)
+    k = apply_rope(k, cos, sin, style, cis).transpose(1, 2)  # (B, Hkv, T, hd)
+    return q, k, v.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
 # Encoders (BERT, ViT): every token attends to every other token of its own input
 
 

@@ -1,4 +1,5 @@
-"""Llama family: Llama 2 and 3, Mistral, Qwen2 (q/k/v biases). Reads top to bottom:
+"""Llama family: Llama 2 and 3, Mistral, Qwen2 (q/k/v biases), Qwen3 (RMSNorm of q and k per head,
+no biases). Reads top to bottom:
 args -> block -> model -> checkpoint names.
 
 Grouped-query attention, RMSNorm, SwiGLU feed-forward, rotary embeddings (neox layout for
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .common import (Embedding, Fused, LayerKV, Linear, RMSNorm, RopeConfig, StepInputs, apply_rope,
-                     cached_attention, rope_cis, rope_inv_freq, rope_tables)
+from .common import (AttentionConfig, Embedding, Fused, LayerKV, Linear, RMSNorm, RopeConfig, StepInputs,
+                     add_qk_norms, cached_attention, rope_cis, rope_inv_freq, rope_qkv, rope_tables)
 
 
 @dataclass
@@ -37,7 +38,8 @@ class ModelArgs:
     mlp_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int | None = None
-    variant: str = "llama"  # "llama", "mistral" or "qwen2": decides the GGUF architecture when exporting
+    qk_norm: str | None = None  # "head" for Qwen3 (q/k RMSNorm per head)
+    variant: str = "llama"  # "llama", "mistral", "qwen2" or "qwen3": decides the GGUF architecture when exporting
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], tensor_names: set[str]) -> "ModelArgs":
@@ -70,6 +72,7 @@ class ModelArgs:
             mlp_bias="model.layers.0.mlp.up_proj.bias" in tensor_names,
             tie_embeddings="lm_head.weight" not in tensor_names,
             sliding_window=window, variant=cfg.get("model_type", "llama"),
+            qk_norm="head" if "model.layers.0.self_attn.q_norm.weight" in tensor_names else None,
         )
 
     @classmethod
@@ -97,7 +100,7 @@ class ModelArgs:
             context_length=key("context_length", 2048),
             qkv_bias="blk.0.attn_q.bias" in shapes, out_bias="blk.0.attn_output.bias" in shapes,
             mlp_bias="blk.0.ffn_up.bias" in shapes, tie_embeddings="output.weight" not in shapes,
-            variant=arch,
+            variant=arch, qk_norm="head" if "blk.0.attn_q_norm.weight" in shapes else None,
         )
 
 
@@ -120,22 +123,15 @@ class Block(nn.Module):
         self.ffn_gate = Linear(d, args.ffn_dim, bias=args.mlp_bias)
         self.ffn_up = Linear(d, args.ffn_dim, bias=args.mlp_bias)
         self.ffn_down = Linear(args.ffn_dim, d, bias=args.mlp_bias)
+        add_qk_norms(self, args, args.qk_norm)
         self.qkv = Fused(self.attn_q, self.attn_k, self.attn_v)
         self.gate_up = Fused(self.ffn_gate, self.ffn_up)
+        self.attn_cfg = AttentionConfig(qkv_bias=args.qkv_bias, qk_norm=args.qk_norm)
 
     def attention(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None,
                   kv_of_head: torch.Tensor | None = None) -> torch.Tensor:
-        a = self.args
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x)
-        q = q.view(B, T, a.n_heads, a.head_dim)
-        k = k.view(B, T, a.n_kv_heads, a.head_dim)
-        v = v.view(B, T, a.n_kv_heads, a.head_dim)
-        cos, sin = step.cos.transpose(1, 2), step.sin.transpose(1, 2)  # (B, T, 1, rot/2)
-        cis = step.cis.transpose(1, 2) if step.cis is not None else None
-        q = apply_rope(q, cos, sin, a.rope.style, cis).transpose(1, 2)  # (B, H, T, hd)
-        k = apply_rope(k, cos, sin, a.rope.style, cis).transpose(1, 2)  # (B, Hkv, T, hd)
-        return self.attn_output(cached_attention(q, k, v.transpose(1, 2), kv, step, kv_of_head=kv_of_head))
+        q, k, v = rope_qkv(self, x, step, self.attn_cfg, self.args.rope.style)  # (B, H|Hkv, T, hd)
+        return self.attn_output(cached_attention(q, k, v, kv, step, kv_of_head=kv_of_head))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)  # (B, T, F) each
@@ -187,6 +183,8 @@ HF_NAME_RULES = [
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.(weight|bias)", r"blk.\1.ffn_gate.\2"),
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.(weight|bias)", r"blk.\1.ffn_up.\2"),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"blk.\1.ffn_down.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", r"blk.\1.attn_q_norm.weight"),  # Qwen3
+    (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", r"blk.\1.attn_k_norm.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq", None),  # recomputed
 ]
 
@@ -209,7 +207,7 @@ TENSOR_PARALLEL = {
 
 
 def gguf_architecture(args: ModelArgs) -> str:
-    return "qwen2" if args.variant == "qwen2" else "llama"
+    return args.variant if args.variant in ("qwen2", "qwen3") else "llama"
 
 
 def gguf_metadata(args: ModelArgs) -> dict[str, Any]:

@@ -30,7 +30,8 @@ from torch import nn
 from ..errors import ModelFileError
 from ..quant import ops
 from ..quant.ops import GGMLWeight
-from .common import Fused, LayerKV, Linear, RMSNorm, StepInputs, apply_rope, cached_attention
+from .common import (AttentionConfig, Fused, LayerKV, Linear, RMSNorm, StepInputs, add_qk_norms,  # noqa: F401
+                     cached_attention, rope_qkv)
 
 
 _LAYER = r"model\.layers\.(\d+)\."
@@ -145,16 +146,6 @@ class SparseMoE(nn.Module):
         return out.view(B, T, D)
 
 
-@dataclass(frozen=True)
-class AttentionConfig:
-    """The attention variants of the MoE families: q/k/v biases (Qwen2-MoE), RMSNorm of q and k
-    per head (Qwen3-MoE) or over the whole projection (OLMoE), clamping of q/k/v (OLMoE)."""
-
-    qkv_bias: bool = False
-    qk_norm: str | None = None     # None, "head" or "full"
-    clip_qkv: float | None = None
-
-
 class MoEBlock(nn.Module):
     """Pre-norm transformer block with a sparse feed-forward: x + attn(norm(x)), then
     x + moe(norm(x)). Attention is Llama's (grouped-query, rope, fused q/k/v), with the
@@ -169,11 +160,7 @@ class MoEBlock(nn.Module):
         self.attn_k = Linear(d, args.n_kv_heads * hd, bias=attn.qkv_bias)
         self.attn_v = Linear(d, args.n_kv_heads * hd, bias=attn.qkv_bias)
         self.attn_output = Linear(args.n_heads * hd, d)
-        if attn.qk_norm == "head":
-            self.attn_q_norm, self.attn_k_norm = RMSNorm(hd, args.norm_eps), RMSNorm(hd, args.norm_eps)
-        elif attn.qk_norm == "full":
-            self.attn_q_norm = RMSNorm(args.n_heads * hd, args.norm_eps)
-            self.attn_k_norm = RMSNorm(args.n_kv_heads * hd, args.norm_eps)
+        add_qk_norms(self, args, attn.qk_norm)
         self.qkv = Fused(self.attn_q, self.attn_k, self.attn_v)
         self.ffn_norm = RMSNorm(d, args.norm_eps)
         self.ffn_gate_inp = Linear(d, moe.n_experts)
@@ -188,23 +175,8 @@ class MoEBlock(nn.Module):
         self.moe = SparseMoE(moe, layer, self.ffn_gate_inp, shared, self.ffn_gate_inp_shexp if shared_gate else None)
 
     def attention(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None) -> torch.Tensor:
-        a, cfg = self.args, self.attn_cfg
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x)  # (B, T, H*hd), (B, T, Hkv*hd) x 2
-        if cfg.qk_norm == "full":
-            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q = q.view(B, T, a.n_heads, a.head_dim)
-        k = k.view(B, T, a.n_kv_heads, a.head_dim)
-        v = v.view(B, T, a.n_kv_heads, a.head_dim)
-        if cfg.qk_norm == "head":
-            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        cos, sin = step.cos.transpose(1, 2), step.sin.transpose(1, 2)  # (B, T, 1, rot/2)
-        cis = step.cis.transpose(1, 2) if step.cis is not None else None
-        q = apply_rope(q, cos, sin, a.rope.style, cis).transpose(1, 2)  # (B, H, T, hd)
-        k = apply_rope(k, cos, sin, a.rope.style, cis).transpose(1, 2)  # (B, Hkv, T, hd)
-        return self.attn_output(cached_attention(q, k, v.transpose(1, 2), kv, step))
+        q, k, v = rope_qkv(self, x, step, self.attn_cfg, self.args.rope.style)
+        return self.attn_output(cached_attention(q, k, v, kv, step))
 
     def forward(self, x: torch.Tensor, step: StepInputs, kv: LayerKV | None) -> torch.Tensor:
         h = x + self.attention(self.attn_norm(x), step, kv)
