@@ -43,10 +43,15 @@ def parse_size(value: str | int | float | None) -> int | None:
     return size
 
 
-def format_bytes(n: float) -> str:
-    """'1.23 GB' style (powers of 1000, as disks and budgets are quoted)."""
+def format_bytes(n: float, round_up: bool = False) -> str:
+    """'1.23 GB' style (powers of 1000, as disks and budgets are quoted). round_up: never below n
+    (a budget to give: '1.00 GB' for 1.004 GB would not be enough)."""
+    import math
+
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if round_up else n:.0f} {unit}"
+            return f"{math.ceil(n * 100) / 100 if round_up else n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"

@@ -115,7 +115,7 @@ def make_moe_plan(spec, budget: int, everything):
             f"({format_bytes(need)}: runtime {format_bytes(smallest.runtime_bytes)}, embeddings "
             f"{format_bytes(smallest.embed_bytes)}, KV cache {format_bytes(smallest.kv_cache_bytes)}, prefetch ring "
             f"{format_bytes(smallest.ring_bytes)}, an expert cache of at least {min_slots} experts "
-            f"({format_bytes(min_slots * per_slot)})); give at least {format_bytes(need)}, or lower the context "
+            f"({format_bytes(min_slots * per_slot)})); give at least {format_bytes(need, round_up=True)}, or lower the context "
             f"(ctx) or the batch size")
     best = min(fitting, key=lambda c: (c.read_bytes_per_pass, -c.expert_slots, c.predicted_peak))
     best.notes.append(f"mixture of experts: {a.top_k} of {a.n_experts} experts per token and layer; routed experts "

@@ -295,8 +295,8 @@ def make_plan(spec, budget: int | None, runtime_bytes: int, context: int, batch:
             f"a budget of {format_bytes(budget)} cannot hold this rank's tensor-parallel shard "
             f"({format_bytes(everything.predicted_peak)}: runtime {format_bytes(runtime_bytes)}, shard "
             f"{format_bytes(everything.resident_weight_bytes)}, KV cache {format_bytes(everything.kv_cache_bytes)}); "
-            f"shards are held whole: give at least {format_bytes(everything.predicted_peak)}, use more ranks, "
-            f"or pipeline parallel")
+            f"shards are held whole: give at least {format_bytes(everything.predicted_peak, round_up=True)}, "
+            f"use more ranks, or pipeline parallel")
     fitting = [c for c in candidates if c.predicted_peak <= budget]
     if not fitting:
         minimum = min(candidates, key=lambda c: c.predicted_peak)
@@ -305,7 +305,8 @@ def make_plan(spec, budget: int | None, runtime_bytes: int, context: int, batch:
             f"({format_bytes(minimum.predicted_peak)}: runtime {format_bytes(runtime_bytes)}, embeddings "
             f"{format_bytes(minimum.embed_bytes)}, KV cache {format_bytes(minimum.kv_cache_bytes)} for {batch} x "
             f"{context} positions, prefetch ring {format_bytes(minimum.ring_bytes)}, activations "
-            f"{format_bytes(minimum.activation_bytes)}); give at least {format_bytes(minimum.predicted_peak)}, "
+            f"{format_bytes(minimum.activation_bytes)}); "
+            f"give at least {format_bytes(minimum.predicted_peak, round_up=True)}, "
             f"or lower the context (ctx) or the batch size")
     return min(fitting, key=lambda c: (c.streamed_bytes, c.predicted_peak))
 
