@@ -43,7 +43,7 @@ class PipelineModel:
                         threads: int | None = None, device: str = "cpu", cluster: str | None = None, workers: int = 1,
                         parallel: str = "pipeline", cluster_token: str | None = None,
                         expert_policy: str = "lru", draft: str | os.PathLike | None = None,
-                        draft_tokens: int | str = "auto") -> "PipelineModel":
+                        draft_tokens: int | str = "auto", draft_vocab: int | str | None = "auto") -> "PipelineModel":
         """Load a GGUF file or Hugging Face folder (None: the built-in model).
 
         memory_limit ("2GB", "1536MiB", bytes or None) caps peak RSS: what fits stays resident,
@@ -61,7 +61,9 @@ class PipelineModel:
         GGUF file or folder of a small model with the target's vocabulary (loaded first and kept
         resident, so a memory_limit counts it), "builtin" (the built-in model's draft sibling),
         or "prompt-lookup" (n-gram matches in the text, no model); `draft_tokens` is k per target
-        pass, or "auto" (adapted from measured acceptance). Greedy output is the target's alone,
+        pass, or "auto" (adapted from measured acceptance); `draft_vocab` the token ids a draft model
+        proposes from (the first n; "auto": 32768 of a vocabulary over 65536, widened when the
+        answer needs more; None: all), which makes its output head smaller. Greedy output is the target's alone,
         token for token; sampled output follows its distribution (speculative sampling). Batches
         decode plainly.
         Raises ModelFileError / UnsupportedModelError / MemoryBudgetError (PipeloadError) on bad input.
@@ -90,9 +92,10 @@ class PipelineModel:
             options = {"dtype": dtype, "batch_size": batch_size, "ctx": ctx, "cluster": cluster, "workers": workers,
                        "parallel": parallel}
             return cls(engine, engine.spec.load_tokenizer(), options)
-        from .runtime.speculative import check_draft_tokens
+        from .runtime.speculative import check_draft_tokens, check_draft_vocab
 
         check_draft_tokens(draft_tokens)
+        check_draft_vocab(draft_vocab)
         draft_engine = None
         if draft is not None and str(draft) != "prompt-lookup":
             draft_path = builtin_model_path("draft") if str(draft) == "builtin" else draft
@@ -103,12 +106,13 @@ class PipelineModel:
                              expert_policy=expert_policy, exact=dtype == "reference")
         options = {"dtype": dtype, "memory_limit": memory_limit, "prefetch_depth": prefetch_depth,
                    "parallel_loading": parallel_loading, "batch_size": batch_size, "ctx": ctx, "draft": draft,
-                   "draft_tokens": draft_tokens}
+                   "draft_tokens": draft_tokens, "draft_vocab": draft_vocab}
         model = cls(engine, engine.spec.load_tokenizer(), options)
         if draft is not None:
             from .runtime.speculative import ModelDraft, PromptLookup
 
-            model.draft = PromptLookup() if draft_engine is None else ModelDraft(draft_engine, engine.args.vocab_size)
+            model.draft = (PromptLookup() if draft_engine is None else
+                           ModelDraft(draft_engine, engine.args.vocab_size, vocab=draft_vocab))
         return model
 
     @property

@@ -11,7 +11,8 @@ from pipeload.api import builtin_model_path
 from pipeload.errors import UnsupportedModelError
 from pipeload.runtime.memory import current_rss
 from pipeload.runtime.planner import make_plan
-from pipeload.runtime.speculative import PromptLookup
+from pipeload.runtime.sampling import Sampler, SamplingParams
+from pipeload.runtime.speculative import ModelDraft, PromptLookup
 from pipeload.runtime.spec import open_model
 
 # repeats, so that prompt lookup finds matches, and plain code, so that the draft model agrees often
@@ -116,6 +117,69 @@ def test_draft_of_another_vocabulary_is_refused(tiny):
         PipelineModel.from_pretrained(None, draft=gguf)
     with pytest.raises(ValueError, match="draft_tokens"):
         PipelineModel.from_pretrained(None, draft="prompt-lookup", draft_tokens=0)
+    for bad in (0, "all", 2.5):
+        with pytest.raises(ValueError, match="draft_vocab must be 'auto', None"):
+            PipelineModel.from_pretrained(None, draft="builtin", draft_vocab=bad)
+
+
+def _with_draft_vocab(vocab):
+    """The built-in target with its draft sibling proposing only ids below `vocab`."""
+    m = PipelineModel.from_pretrained(None, draft="builtin", draft_tokens=4)
+    m.draft = ModelDraft(m.draft.engine, m.engine.args.vocab_size, vocab=vocab)
+    return m
+
+
+def test_draft_of_a_vocabulary_prefix_gives_the_target_tokens(plain):
+    """A draft proposing from the first ids (its head narrowed to those rows): the target's tokens,
+    proposals below the prefix, the draft's engine left with its whole head; when the answer uses
+    ids past the prefix, the draft widens to the whole vocabulary and stays exact."""
+    target, reference = plain
+    covering = max(reference) + 1  # every token of this answer lies below it: the head stays narrow
+    m = _with_draft_vocab(covering)
+    try:
+        proposed = []
+        propose = m.draft.propose
+        m.draft.propose = lambda h, k: _record(proposed, propose(h, k))
+        assert _tokens(m) == reference
+        assert m.draft.narrow is not None and m.draft.proposes_from == covering
+        assert proposed and max(proposed) < covering
+        layers = m.draft.engine.executor.layers
+        assert layers.acquire_head().output.out_features == m.engine.args.vocab_size
+        layers.release_head()
+        assert m.stats["draft_accepted"] > 0
+    finally:
+        m.close()
+    middle = sorted(set(reference))[len(set(reference)) // 2]  # about half the answer's distinct ids lie past it
+    m = _with_draft_vocab(middle)
+    try:
+        assert _tokens(m) == reference
+        assert m.draft.narrow is None and m.draft.proposes_from == m.engine.args.vocab_size  # widened
+        assert m.draft.outside > 2
+    finally:
+        m.close()
+
+
+def _record(into: list, tokens: list) -> list:
+    into.extend(tokens)
+    return tokens
+
+
+def test_draft_of_a_vocabulary_prefix_samples_with_zero_probability_past_it():
+    m = _with_draft_vocab(1000)
+    try:
+        d = m.draft
+        prompt = m.tokenizer.encode("def fibonacci(n):\n")
+        d.start(prompt, 64)
+        sampler = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=3), 1)
+        tokens, q = d.propose_sampled(prompt, 3, sampler)
+        assert q.shape == (3, m.engine.args.vocab_size)
+        assert torch.all(q[:, 1000:] == 0) and torch.allclose(q.sum(-1), torch.ones(3))
+        assert all(t < 1000 and q[i, t] > 0 for i, t in enumerate(tokens))
+        # the same seed, the same sampled text through the speculative generator
+        assert _tokens(m, "def fibonacci(n):\n", 12, temperature=0.9, seed=5) == \
+            _tokens(m, "def fibonacci(n):\n", 12, temperature=0.9, seed=5)
+    finally:
+        m.close()
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():

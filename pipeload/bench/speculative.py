@@ -24,8 +24,9 @@ import json, sys, time
 import pipeload
 from pipeload import PipelineModel
 target, draft, limit, n, prompt, ctx = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+vocab = None if sys.argv[7] == "all" else sys.argv[7]
 m = PipelineModel.from_pretrained(target, draft=None if draft == "none" else draft,
-                                  memory_limit=None if limit == "none" else limit, ctx=ctx)
+                                  memory_limit=None if limit == "none" else limit, ctx=ctx, draft_vocab=vocab)
 out = None
 for r in m.stream(prompt, max_tokens=n, ignore_eos=True):
     out = r.token_ids
@@ -44,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--ctx", type=int, default=1024, help="context positions (the KV cache a budget reserves)")
-    p.add_argument("--contenders", default="plain,draft,lookup", help="of plain, draft (model), lookup (prompt)")
+    p.add_argument("--contenders", default="plain,draft,lookup",
+                   help="of plain, draft (model), draft-full (the model proposing from its whole vocabulary), "
+                        "lookup (prompt)")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -53,9 +56,14 @@ def run(a: argparse.Namespace) -> int:
         chosen = a.contenders.split(",")
         if "plain" not in chosen:
             raise ValueError("--contenders must include plain (the reference tokens and speed)")
-        every = {"plain": ("plain", "none"), "draft": ("draft model", a.draft), "lookup": ("prompt lookup", "prompt-lookup")}
-        contenders = {every[c][0]: (lambda d=every[c][1]: run_child(CHILD, a.target, d, limit, a.max_tokens, a.prompt,
-                                                                     a.ctx)) for c in chosen}
+        every = {"plain": ("plain", "none", "auto"), "draft": ("draft model", a.draft, "auto"),
+                 "draft-full": ("draft model, whole vocabulary", a.draft, "all"),
+                 "lookup": ("prompt lookup", "prompt-lookup", "auto")}
+        unknown = [c for c in chosen if c not in every]
+        if unknown:
+            raise ValueError(f"--contenders: unknown {', '.join(unknown)}; choose from {', '.join(every)}")
+        contenders = {every[c][0]: (lambda d=every[c][1], v=every[c][2]: run_child(
+            CHILD, a.target, d, limit, a.max_tokens, a.prompt, a.ctx, v)) for c in chosen}
         results = alternate(contenders, a.repeats)
         reference = results["plain"][0]["tokens"]
         plain_tps = median([r["tps"] for r in results["plain"]])
