@@ -93,7 +93,16 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from .inspect import describe
 
-    print(describe(a.model))
+    from .api import builtin_model_path
+
+    print(describe(builtin_model_path() if a.model is None else a.model))
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from .inspect import supported
+
+    print(supported())
     return 0
 
 
@@ -378,8 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="architecture, parameters, per-layer bytes and quant types")
-    p.add_argument("model", help="GGUF file or HF folder")
+    p.add_argument("model", nargs="?", default=None, help="GGUF file or HF folder (default: the built-in model)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("models", help="the architectures and tensor types pipeload runs")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("plan", help="what stays resident, what streams, every byte, and the speed bound")
     p.add_argument("model", help="GGUF file or HF folder")

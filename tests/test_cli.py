@@ -45,6 +45,21 @@ def test_inspect_and_convert(tmp_path, tiny):
     assert "qwen2" in done.stdout and "blk.2" in done.stdout and "F16" in done.stdout
 
 
+def test_inspect_without_a_model_is_the_builtin_one_and_models_lists_what_runs():
+    done = pipeload("inspect")
+    assert done.returncode == 0, done.stderr
+    assert "pipeload-main.gguf" in done.stdout and "architecture:  llama" in done.stdout
+    done = pipeload("models")
+    assert done.returncode == 0, done.stderr
+    from pipeload.models import GGUF_ARCHITECTURES, HF_MODEL_TYPES
+
+    rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:] if line and not line.startswith(("tensor", "every"))}
+    assert set(rows) == set(HF_MODEL_TYPES.values()) | set(GGUF_ARCHITECTURES.values()) | {"mixtral"}
+    assert "qwen3" in rows["llama"] and "mixture of experts" in rows["qwen_moe"] and "encoder" in rows["vit"]
+    assert "pipeline, tensor" in rows["llama"] and "pipeline, tensor" not in rows["mixtral"]
+    assert "Q4_K" in done.stdout and "with compiled kernels" in done.stdout
+
+
 def test_bad_arguments(tmp_path, synthetic):
     assert pipeload("convert", synthetic, "-o", tmp_path / "x.gguf", "--quant", "q9_9").returncode == 2
     done = pipeload("run", synthetic, "-n", "3", "--memory-limit", "lots")
