@@ -236,3 +236,47 @@ def test_folder_without_tokenizer_gives_logits_but_says_no_tokenizer(tiny):
         m.tokenizer.encode("hello")
     rc = cli_main(["run", str(folder), "-p", "hi", "-n", "2"])
     assert rc == 2
+
+
+def _rewritten(src, dst, drop_key=None, halve_tensor=None):
+    """A copy of the GGUF `src` without metadata key `drop_key`, or with tensor `halve_tensor`
+    cut to half its rows (its shape then disagrees with the metadata)."""
+    from gguf import GGUFValueType
+
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", drop_key):
+            continue
+        if f.types[0] == GGUFValueType.ARRAY:
+            w.add_array(name, f.contents())
+        else:
+            w.add_key_value(name, f.contents(), f.types[0])
+    for t in r.tensors:
+        data = np.array(t.data)
+        if t.name == halve_tensor:
+            data = data[: data.shape[0] // 2]
+        w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["llama2", "qwen2", "gpt2"])
+def test_a_missing_key_or_a_tensor_that_disagrees_with_the_metadata_is_named(tiny, tmp_path, kind):
+    src = tiny(kind)[2]
+    arch = read_gguf(src).metadata["general.architecture"]
+    for key in (f"{arch}.attention.head_count", f"{arch}.embedding_length", f"{arch}.block_count"):
+        bad = _rewritten(src, tmp_path / "k.gguf", drop_key=key)
+        _expect(ModelFileError, f"lacks '{key}'", PipelineModel.from_pretrained, bad)
+    names = set(read_gguf(src).tensors)
+    tensors = [t for t in ("blk.0.ffn_down.weight", "output_norm.weight", "blk.1.attn_q.bias", "blk.1.attn_qkv.weight")
+               if t in names]
+    assert len(tensors) >= 2
+    for tensor in tensors:
+        bad = _rewritten(src, tmp_path / "t.gguf", halve_tensor=tensor)
+        short = tensor.split(".", 2)[-1] if tensor.startswith("blk.") else tensor
+        with pytest.raises(ModelFileError, match=f"tensor '{short}' has shape .* the configuration implies"):
+            PipelineModel.from_pretrained(bad).logits([1, 2, 3])
