@@ -105,13 +105,7 @@ def _traced_single(m, prompts, tokens: int) -> dict:
     ex = m.engine.executor
     TRACE.label = "single-process"
     trace_blocks(ex.layers.blocks, ex.model)
-    forward = ex.forward
-
-    def step(*a, **k):
-        with TRACE.span("step", "step"):
-            return forward(*a, **k)
-
-    ex.forward = step
+    ex.step_span = lambda: TRACE.span("step", "step")
     it = m.stream(prompts[0], max_tokens=tokens, temperature=0, ignore_eos=True)
     next(it)  # the prompt pass and the first token: the decode phase starts after them
     t0 = time.perf_counter()

@@ -15,6 +15,8 @@ up to ops.EXACT_ROWS rows) and attention per row with the mask its lone step wou
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import replace
 from typing import Protocol
@@ -84,6 +86,7 @@ class Executor:
         self.prefill_chunk = prefill_chunk
         self.layer_seconds = [0.0] * (n_layers + 1)  # compute time per layer (+ head), when profiling
         self.profile = False
+        self.step_span = contextlib.nullcontext  # () -> context around each forward (a tracer's span)
 
     def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor | None:
         """The attention mask of a chunk at positions pos (B, T) over kv_len keys; None when plain
@@ -144,9 +147,10 @@ class Executor:
         bit those of T decode steps, in one pass over the weights (speculative verification)."""
         if lone_queries and (cache is None or tokens.shape[0] != 1 or rows is not None):
             raise ValueError("lone_queries verifies one sequence over a KV cache (no rows)")
-        h = self.model.embed(tokens, positions)  # (B, T, D)
-        h = self.forward_layers(h, positions, cache, 0, self.n_layers, rows, lone_queries)
-        return self.head(h, logit_index)
+        with self.step_span():
+            h = self.model.embed(tokens, positions)  # (B, T, D)
+            h = self.forward_layers(h, positions, cache, 0, self.n_layers, rows, lone_queries)
+            return self.head(h, logit_index)
 
     @torch.inference_mode()
     def forward_layers(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
