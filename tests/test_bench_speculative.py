@@ -19,3 +19,4 @@ def test_bench_speculative_runs_every_prompt_kind(tmp_path, capsys):
     saved = json.loads((tmp_path / "speculative.json").read_text())
     assert saved["disk_bw"] > 0 and saved["memory_bw"] > 0
     assert set(saved["runs"]) == {"code none", "edit none"}
+    assert (tmp_path / "speculative.png").stat().st_size > 0

@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    rows, data, mismatch = [], {}, False
+    rows, data, mismatch, points = [], {}, False, []
     if a.prompt is not None:
         kinds = {"custom": (False, a.prompt)}
     else:
@@ -110,6 +110,7 @@ def run(a: argparse.Namespace) -> int:
             tpp = median([r["tokens_per_pass"] for r in runs])
             # one target pass reads the streamed bytes from disk and the resident ones from memory
             pass_floor = runs[0]["streamed_bytes"] / disk_bw + runs[0]["resident_bytes"] / memory_bw
+            points.append((kind, limit, name, tps, tpp / pass_floor))
             rows.append([kind, limit, name, f"{acc:.0%}" if acc is not None else "-", tpp,
                          tps, tps / plain_tps, tpp / pass_floor, ", ".join(f"{r['tps']:.2f}" for r in runs),
                          f"{runs[0]['streamed_bytes'] / 1e6:.0f} MB", f"{max(r['peak_rss'] for r in runs) / 1e9:.2f} GB",
@@ -123,4 +124,38 @@ def run(a: argparse.Namespace) -> int:
           f"{memory_bw / 1e9:.1f} GB/s memory), both measured now; the draft's own time not counted")
     save(Path(a.out), "speculative", {"target": a.target, "draft": a.draft, "n": a.max_tokens, "ctx": a.ctx,
                                       "disk_bw": disk_bw, "memory_bw": memory_bw, "prompts": kinds, "runs": data}, table)
+    _plot(Path(a.out) / "speculative.png", points, a.target)
     return 1 if mismatch else 0
+
+
+def _plot(png: Path, points: list[tuple], target: str) -> None:
+    """tok/s against the budget, a line per contender, a panel per prompt kind ("none": resident,
+    drawn right of the largest budget)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot; pip install matplotlib)")
+        return
+    from ..runtime.memory import parse_size
+
+    kinds = list(dict.fromkeys(p[0] for p in points))
+    budgets = sorted({parse_size(p[1]) for p in points if p[1] != "none"})
+    resident_x = (budgets[-1] * 1.25 if budgets else 1e9) / 1e9
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for name in dict.fromkeys(p[2] for p in points if p[0] == kind):
+            mine = sorted(((resident_x if b == "none" else parse_size(b) / 1e9), tps)
+                          for k, b, n, tps, _ in points if k == kind and n == name)
+            ax.plot([x for x, _ in mine], [y for _, y in mine], "o-", label=name)
+        ax.set_title(f"{kind} prompt")
+        ax.set_xlabel(f"memory budget (GB); {resident_x:.2f} = resident" if budgets else "resident")
+        ax.set_ylabel("tokens/s (greedy, batch 1)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(Path(target).name)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}")
