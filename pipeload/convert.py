@@ -85,6 +85,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, quant: str = "f16",
         def types(name: str, shape: tuple[int, ...]) -> str:
             return tensor_type(name, shape, quant, args.n_layers, has_output)
 
+    if not hasattr(arch, "gguf_architecture"):
+        raise UnsupportedModelError(f"{src}: pipeload convert does not write the {ckpt.architecture} architecture; "
+                                    f"llama.cpp's convert_hf_to_gguf.py does")
     w = GGUFWriter(None, arch.gguf_architecture(args))
     w.add_name(out.stem)
     w.add_file_type(FILE_TYPES[quant])

@@ -1,9 +1,9 @@
-"""Tiny random decoders (Qwen3, Gemma 2, Gemma 3 text) saved as HF folders, with GGUF files of
+"""Tiny random decoders (Qwen3, Phi-3, Gemma 2, Gemma 3 text) saved as HF folders, with GGUF files of
 them written by llama.cpp's own converter (encoder_models.llama_cpp_convert).
 
 The converter refuses tokenizers it does not know: Qwen3 and Gemma 3 carry the WordPiece
-vocabulary of the real all-MiniLM-L6-v2 (30522 rows, as the MoE test models do); Gemma 2's
-converter reads only a SentencePiece `tokenizer.model`, so its folder gets a tiny one trained
+vocabulary of the real all-MiniLM-L6-v2 (30522 rows, as the MoE test models do); Gemma 2's and
+Phi-3's converters read only a SentencePiece `tokenizer.model`, so their folders get a tiny one trained
 here from a fixed text (deterministic).
 """
 
@@ -16,9 +16,11 @@ import torch
 
 from moe_models import MINILM, TOKENIZER_FILES, VOCAB
 
-DECODER_KINDS = ["qwen3"]  # Gemma 2 and 3 configs below are not implemented in pipeload yet
+DECODER_KINDS = ["qwen3", "phi3"]  # Gemma 2 and 3 configs below are not implemented in pipeload yet
 WINDOW = 8         # the sliding window of the Gemma models: tests run sequences longer than it
-SPM_VOCAB = 320    # Gemma 2's SentencePiece vocabulary
+SPM_VOCAB = 320    # Gemma 2's and Phi-3's SentencePiece vocabulary
+LONGROPE_ORIGINAL = 64  # Phi-3's original_max_position_embeddings: longer sequences take the long factors
+SENTENCEPIECE_KINDS = {"gemma2", "phi3"}  # folders with a tokenizer.model (the others: MiniLM's WordPiece)
 
 
 def decoder_config(kind: str, **over):
@@ -31,6 +33,15 @@ def decoder_config(kind: str, **over):
     if kind == "qwen3":
         return tf.Qwen3Config(**{**base, "num_hidden_layers": 3, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
                                  "tie_word_embeddings": False, **over})
+    if kind == "phi3":  # LongRoPE: short factors within 64 positions, long ones beyond; a window on every layer
+        g = torch.Generator().manual_seed(3)
+        factors = lambda: [round(1.0 + 3.0 * x, 4) for x in torch.rand(8, generator=g).tolist()]  # noqa: E731
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": factors(), "long_factor": factors(),
+                "original_max_position_embeddings": LONGROPE_ORIGINAL}
+        return tf.Phi3Config(**{**base, "num_hidden_layers": 3, "vocab_size": SPM_VOCAB, "tie_word_embeddings": False,
+                                "original_max_position_embeddings": LONGROPE_ORIGINAL, "rope_parameters": rope,
+                                "sliding_window": WINDOW, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+                                **over})
     if kind == "gemma2":  # query_pre_attn_scalar = head_dim: llama.cpp scales by head_dim (but for 27B)
         return tf.Gemma2Config(**{**base, "num_hidden_layers": 4, "vocab_size": SPM_VOCAB, "sliding_window": WINDOW,
                                   "query_pre_attn_scalar": 16, "attn_logit_softcapping": 2.0,
@@ -58,7 +69,7 @@ def build_decoder(kind: str, folder: Path, seed: int = 0, **over):
             else:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(folder, safe_serialization=True)
-    if kind == "gemma2":
+    if kind in SENTENCEPIECE_KINDS:
         _write_sentencepiece(Path(folder) / "tokenizer.model")
     else:
         for f in TOKENIZER_FILES:

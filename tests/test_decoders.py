@@ -5,7 +5,7 @@ window, generation resident and streamed; their bad input."""
 import pytest
 import torch
 
-from decoder_models import DECODER_KINDS, WINDOW, gguf_without_key
+from decoder_models import DECODER_KINDS, SENTENCEPIECE_KINDS, WINDOW, gguf_without_key
 from pipeload.runtime.engine import load_engine
 from tiny_models import reference_logits
 
@@ -50,6 +50,17 @@ def test_cached_decoding_matches_transformers(decoder_tiny, kind):
     assert diff < TOL, f"{kind}: max |diff| {diff}"
 
 
+def _loadable_gguf(decoder_tiny, kind, tmp_path):
+    """The kind's GGUF with a tokenizer pipeload loads. Token ids in and out: the tokenizer does
+    not matter here, but a file's must load. The converter writes MiniLM's WordPiece vocabulary as
+    a byte-level BPE without merges and pre-tokenizer "jina-v2-en", which neither llama.cpp nor
+    pipeload runs: those kinds use the file without it."""
+    gguf = decoder_tiny(kind)[2]
+    if kind in SENTENCEPIECE_KINDS:
+        return gguf
+    return gguf_without_key(gguf, tmp_path / "model.gguf", "tokenizer.ggml.model", "tokenizer.ggml.tokens")
+
+
 def _streaming_budget(path) -> int:
     """A memory budget halfway between the all-resident plan's peak and the largest plan that
     streams some layers (so that small changes of the process's RSS change neither decision)."""
@@ -69,11 +80,7 @@ def test_generation_resident_and_streamed(decoder_tiny, kind, tmp_path):
     logits bit for bit."""
     from pipeload import PipelineModel
 
-    model, _, gguf = decoder_tiny(kind)
-    if kind != "gemma2":  # token ids in and out: the tokenizer does not matter here, but a file's must load.
-        # The converter writes MiniLM's WordPiece vocabulary as a byte-level BPE without merges and
-        # pre-tokenizer "jina-v2-en", which neither llama.cpp nor pipeload runs: use the file without it.
-        gguf = gguf_without_key(gguf, tmp_path / "model.gguf", "tokenizer.ggml.model", "tokenizer.ggml.tokens")
+    model, gguf = decoder_tiny(kind)[0], _loadable_gguf(decoder_tiny, kind, tmp_path)
     prompt = _ids(n=WINDOW + 3, batch=1, seed=1)[0].tolist()
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)
@@ -89,3 +96,108 @@ def test_generation_resident_and_streamed(decoder_tiny, kind, tmp_path):
     finally:
         m.close()
         resident.close()
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_phi3_long_factors_beyond_the_original_context(decoder_tiny, fmt):
+    """A sequence past original_max_position_embeddings takes LongRoPE's long factors (as
+    transformers picks them: by the step's largest position)."""
+    from decoder_models import LONGROPE_ORIGINAL
+
+    model, folder, gguf = decoder_tiny("phi3")
+    ids = _ids(n=LONGROPE_ORIGINAL + 6)
+    ref = reference_logits(model, ids)
+    diff = (_forward(load_engine(folder if fmt == "hf" else gguf), ids) - ref).abs().max().item()
+    assert diff < TOL, f"phi3 from {fmt} past the original context: max |diff| {diff}"
+
+
+# metadata an architecture's GGUF cannot do without (beyond the shared head count, width, layers)
+NEEDED_KEYS = {"phi3": "phi3.rope.scaling.original_context_length"}
+
+
+@pytest.mark.parametrize("kind", sorted(set(NEEDED_KEYS) & set(DECODER_KINDS)))
+def test_a_gguf_without_a_key_its_architecture_needs_is_refused_naming_it(decoder_tiny, kind, tmp_path):
+    from pipeload.errors import ModelFileError
+
+    gguf = decoder_tiny(kind)[2]
+    key = NEEDED_KEYS[kind]
+    bad = gguf_without_key(gguf, tmp_path / "bad.gguf", key)
+    with pytest.raises(ModelFileError, match=f"lacks '{key}'"):
+        load_engine(bad)
+
+
+@pytest.mark.parametrize("kind", DECODER_KINDS)
+def test_batched_requests_get_their_lone_tokens_and_logits(decoder_tiny, kind, monkeypatch, tmp_path):
+    """The continuous-batching scheduler (what `pipeload serve` runs): prompts on both sides of
+    the sliding window, joining a running batch, each with its lone run's tokens and logprobs."""
+    import random
+
+    from pipeload import PipelineModel
+    from pipeload.runtime.scheduler import Scheduler
+    from test_scheduler import lone_run, make_requests, run_all
+
+    model = PipelineModel.from_pretrained(_loadable_gguf(decoder_tiny, kind, tmp_path), ctx=64)
+    rng = random.Random(0)
+    requests = make_requests(300, 6, rng, max_tokens=12)
+    events, largest = run_all(Scheduler(model.engine, None, max_batch=3), requests, rng)
+    assert largest >= 2
+    for req in requests:
+        tokens, _, logits, _ = lone_run(model, req.prompt, req.params, req.max_tokens, monkeypatch)
+        assert [e.token for e in events[req.id]] == tokens, req.id
+        assert [e.logprob for e in events[req.id]] == [float(torch.log_softmax(lg.float(), -1)[t])
+                                                       for lg, t in zip(logits, tokens)]
+
+
+@pytest.mark.parametrize("kind", DECODER_KINDS)
+def test_cluster_pipeline_equals_one_process_and_tensor_parallel_works_or_refuses(decoder_tiny, kind, tmp_path):
+    """Two pipeline stages give one process's logits bit for bit; tensor parallel gives the same
+    greedy tokens where the architecture declares a split (what `pipeload models` lists), else it
+    is refused at once, naming the architecture."""
+    from cluster_helpers import connect, free_port, workers
+    from pipeload import PipelineModel
+    from pipeload.cluster.launch import connect_cluster
+    from pipeload.errors import UnsupportedModelError
+    from pipeload.runtime.spec import open_model
+
+    gguf = _loadable_gguf(decoder_tiny, kind, tmp_path)
+    prompt = _ids(n=WINDOW + 5, batch=1, seed=2)[0].tolist()
+    ref = PipelineModel.from_pretrained(gguf, threads=1)
+    want = list(ref.stream(prompt, max_tokens=8, temperature=0))[-1].token_ids
+    port = free_port()
+    with workers(f"127.0.0.1:{port}", gguf, 2):
+        m = connect(gguf, 2, port=port)
+        try:
+            assert torch.equal(m.logits(prompt), ref.logits(prompt))
+            assert list(m.stream(prompt, max_tokens=8, temperature=0))[-1].token_ids == want
+        finally:
+            m.close()
+    if getattr(open_model(gguf).arch, "TENSOR_PARALLEL", None):
+        port = free_port()
+        with workers(f"127.0.0.1:{port}", gguf, 2):
+            m = connect(gguf, 2, "tensor", port=port)
+            try:
+                got = list(m.stream(prompt, max_tokens=8, temperature=0))[-1].token_ids
+                if got != want:  # only at a near-tie of the single run
+                    i = next(k for k, (a, b) in enumerate(zip(got, want)) if a != b)
+                    top = torch.topk(ref.logits(prompt + want[:i])[-1], 2).values
+                    assert float(top[0] - top[1]) <= 1e-4, f"tensor parallel parted at token {i} without a near-tie"
+            finally:
+                m.close()
+    else:
+        with pytest.raises(UnsupportedModelError, match=f"tensor parallel is not supported for the {kind}"):
+            connect_cluster(gguf, f"127.0.0.1:{free_port()}", 2, "tensor", join_timeout=30)
+
+
+def test_phi3_pipeload_convert_gives_the_llama_cpp_converters_logits(decoder_tiny, tmp_path):
+    """`pipeload convert` of the HF folder (f32) writes llama.cpp's phi3 keys and rope tensors."""
+    from pipeload.convert import convert
+    from pipeload.weights.gguf import read_gguf
+
+    _, folder, gguf = decoder_tiny("phi3")
+    ours = convert(folder, tmp_path / "ours.gguf", quant="f32").path
+    theirs_meta, ours_meta = read_gguf(gguf).metadata, read_gguf(ours).metadata
+    for key in ("phi3.rope.scaling.original_context_length", "phi3.rope.scaling.attn_factor",
+                "phi3.attention.sliding_window", "phi3.rope.dimension_count"):
+        assert ours_meta[key] == pytest.approx(theirs_meta[key]), key
+    ids = _ids(n=70)
+    assert torch.equal(_forward(load_engine(ours), ids), _forward(load_engine(gguf), ids))

@@ -63,6 +63,21 @@ class Fused(nn.Module):
                 for y, p in zip(ys, self.parts)]
 
 
+class Split(nn.Module):
+    """One stored matrix whose output rows stack several projections (Phi-3's attn_qkv, its
+    gate/up ffn_up): one linear pass, returned as the parts of `sizes` (views, as Fused returns
+    separate outputs). The Linear stays the block's own submodule; this module only splits it."""
+
+    def __init__(self, linear: Linear, sizes: list[int]):
+        super().__init__()
+        if sum(sizes) != linear.out_features:
+            raise ValueError(f"parts {sizes} do not add up to the matrix's {linear.out_features} rows")
+        self.parts, self.sizes = [linear], list(sizes)  # a plain list: not registered twice
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.parts[0](x).split(self.sizes, dim=-1))  # [(..., N_j)]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -18,7 +18,8 @@ What a stored tensor becomes:
   the transpose is materialized once at load for a resident layer, once per read for a
   streamed one).
 - an Embedding's table: a GGMLWeight as stored; only the rows looked up are decoded.
-- vectors (norms, biases, rope tables): copied in the compute dtype (rope tables float32).
+- vectors (norms, biases, rope tables): copied in the compute dtype (rope_* tables float32,
+  attributes of the Model under their names: rope_freqs, rope_factors_long, ...).
 Every tensor the module takes must be given, and every tensor given must be taken: a missing
 or unknown tensor is a clear error, never a silent skip.
 """
@@ -49,10 +50,7 @@ def build_block(spec, i: int, source: TensorBytes, shard: ShardSpec | None = Non
     prefix = f"blk.{i}."
     where = f"{spec.path}: layer {i}"
     if shard is not None:
-        if not getattr(spec.arch, "TENSOR_PARALLEL", True):
-            raise UnsupportedModelError(f"{spec.path}: tensor parallel is not supported for {spec.arch.__name__.rsplit('.', 1)[-1]} "
-                                        f"(mixture of experts); use pipeline parallel, which places whole layers")
-        source = shard_tensors(source, shard, prefix, tensor_parallel_plan(spec))
+        source = shard_tensors(source, shard, prefix, tensor_parallel_plan(spec))  # raises for no split
     block = into if into is not None else spec.arch.Block(spec.args if shard is None else local_args(spec.args, shard), i)
     if getattr(spec.arch, "MIXTURE_OF_EXPERTS", False):
         from .moe_blocks import attach_moe
@@ -72,9 +70,12 @@ def build_outer(spec, embed: TensorBytes | None = None, head: TensorBytes | None
     model = into if into is not None else spec.new_model()
     if embed is not None:
         embed = dict(embed)
-        rope = embed.pop("rope_freqs.weight", None)
-        if rope is not None:
-            model.rope_freqs = decode_tensor(*rope, torch.float32).clone()
+        for name in [n for n in embed if n.startswith("rope_")]:  # rope tables: float32 attributes of the Model
+            attr = name.removesuffix(".weight")
+            if not hasattr(model, attr):
+                raise UnsupportedModelError(f"{spec.path}: tensor {name!r} is not used by this architecture as "
+                                            f"pipeload implements it; this model variant is not supported")
+            setattr(model, attr, decode_tensor(*embed.pop(name), torch.float32).clone())
         names = spec.embed_names
         if token_rows is not None:
             names = tuple(n for n in names if n != "token_embd")
@@ -196,8 +197,8 @@ def assign_values(module: nn.Module, values: dict[str, torch.Tensor], prefix: st
     slots = _slots(module, None)
     for name, value in values.items():
         local = name[len(prefix):]
-        if local.startswith("rope_freqs"):
-            module.rope_freqs = value.float()
+        if local.startswith("rope_"):
+            setattr(module, local.removesuffix(".weight"), value.float())
             continue
         kind, _, owner, leaf = slots[local]
         if kind == "vector":

@@ -57,8 +57,10 @@ def tensor_parallel_plan(spec) -> dict:
     plan = getattr(spec.arch, "TENSOR_PARALLEL", None)
     name = spec.arch.__name__.rsplit(".", 1)[-1]
     if not plan:
-        raise UnsupportedModelError(f"the {name} architecture does not declare how it splits over tensor-parallel "
-                                    f"ranks (TENSOR_PARALLEL in pipeload/models/{name}.py); use pipeline parallel")
+        why = ("mixture of experts: its experts are placed whole" if getattr(spec.arch, "MIXTURE_OF_EXPERTS", False)
+               else getattr(spec.arch, "TENSOR_PARALLEL_NOTE", f"no TENSOR_PARALLEL in pipeload/models/{name}.py"))
+        raise UnsupportedModelError(f"{spec.path}: tensor parallel is not supported for the {name} architecture "
+                                    f"({why}); use pipeline parallel, which places whole layers")
     for group in spec.index.groups.values():
         for ref in group.tensors:
             module = ref.name.split(".")[-2] if ref.name.count(".") >= 1 else ""

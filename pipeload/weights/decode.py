@@ -49,6 +49,6 @@ def read_decoded(groups: list[LayerGroup], reader: RangeReader, dtype: torch.dty
         key = (ref.info.path, ref.info.offset, ref.transform)
         if key not in decoded:
             raw = reader.read(ref.info.path, ref.info.offset, ref.info.nbytes)
-            decoded[key] = decode_tensor(ref, raw, torch.float32 if ref.name.startswith("rope_freqs") else dtype)
+            decoded[key] = decode_tensor(ref, raw, torch.float32 if ref.name.startswith("rope_") else dtype)
         out[ref.name] = decoded[key]
     return out
