@@ -112,7 +112,8 @@ def test_phi3_long_factors_beyond_the_original_context(decoder_tiny, fmt):
 
 
 # metadata an architecture's GGUF cannot do without (beyond the shared head count, width, layers)
-NEEDED_KEYS = {"phi3": "phi3.rope.scaling.original_context_length"}
+NEEDED_KEYS = {"phi3": "phi3.rope.scaling.original_context_length", "gemma2": "gemma2.attention.sliding_window",
+               "gemma3": "gemma3.attention.sliding_window"}
 
 
 @pytest.mark.parametrize("kind", sorted(set(NEEDED_KEYS) & set(DECODER_KINDS)))
@@ -201,3 +202,15 @@ def test_phi3_pipeload_convert_gives_the_llama_cpp_converters_logits(decoder_tin
         assert ours_meta[key] == pytest.approx(theirs_meta[key]), key
     ids = _ids(n=70)
     assert torch.equal(_forward(load_engine(ours), ids), _forward(load_engine(gguf), ids))
+
+
+def test_gemma_query_scale_is_query_pre_attn_scalar_from_the_hf_folder(tmp_path):
+    """transformers scales queries by query_pre_attn_scalar^-1/2 (here not head_dim); a GGUF has
+    no such key and llama.cpp uses head_dim (see models/gemma.py), so this is checked from HF."""
+    from decoder_models import build_decoder
+
+    for kind in ("gemma2",):
+        model = build_decoder(kind, tmp_path / kind, seed=4, query_pre_attn_scalar=40)
+        ids = _ids(n=2 * WINDOW + 3)
+        diff = (_forward(load_engine(tmp_path / kind), ids) - reference_logits(model, ids)).abs().max().item()
+        assert diff < TOL, f"{kind}: max |diff| {diff}"

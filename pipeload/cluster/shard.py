@@ -121,12 +121,14 @@ class AllReduce:
 
 class ShardBlock(nn.Module):
     """A pre-norm block over this rank's heads and columns (an architecture with TENSOR_PARALLEL
-    gives its Block attn_norm, attention(x, step, kv, kv_of_head), ffn_norm and feed_forward);
-    the partial outputs of attention and feed-forward are all-reduced."""
+    gives its Block attn_norm, attention(x, step, kv, kv_of_head), ffn_norm and feed_forward, and
+    optionally post_attention_norm and post_ffw_norm); the partial outputs of attention and
+    feed-forward are all-reduced, then post-normed."""
 
     def __init__(self, block: nn.Module, spec: ShardSpec, full_args, reduce: AllReduce):
         super().__init__()
         self.block, self.reduce = block, reduce
+        self.post_norms = hasattr(block, "post_attention_norm")  # Gemma: norms of the whole (reduced) outputs
         group = full_args.n_heads // full_args.n_kv_heads
         kv_of_head = [h // group - spec.kv[0] for h in range(*spec.heads)]
         n_h, n_kv = len(kv_of_head), spec.kv[1] - spec.kv[0]
@@ -136,5 +138,7 @@ class ShardBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, step, kv) -> torch.Tensor:
         b = self.block
-        h = x + self.reduce(b.attention(b.attn_norm(x), step, kv, self.kv_of_head))
-        return h + self.reduce(b.feed_forward(b.ffn_norm(h)))
+        a = self.reduce(b.attention(b.attn_norm(x), step, kv, self.kv_of_head))
+        h = x + (b.post_attention_norm(a) if self.post_norms else a)
+        f = self.reduce(b.feed_forward(b.ffn_norm(h)))
+        return h + (b.post_ffw_norm(f) if self.post_norms else f)

@@ -20,7 +20,7 @@ from torch import nn
 from ..models.common import RowSpan
 from ..runtime.blocks import build_block, build_outer
 from ..runtime.engine import load_layers
-from ..runtime.executor import Executor, ResidentLayers
+from ..runtime.executor import Executor, ResidentLayers, layer_windows
 from ..runtime.kv_cache import KVCache, LayerView
 from ..runtime.spec import open_model
 from ..weights.io import RangeReader
@@ -129,7 +129,7 @@ class StageModel:
             _, layers = load_layers(self.spec, [], plan.streamed, "buffered", plan.prefetch_depth,
                                     blocks=self.blocks, model=self.model)
             self.streamed_layers = layers
-        self.executor = Executor(self.model, layers, self.args.n_layers, self.args.sliding_window)
+        self.executor = Executor(self.model, layers, self.args.n_layers, layer_windows(self.args))
         self.assignment = a
         kept = len([i for i in resident if i in keep])
         return {"loaded": len(resident) - kept, "kept": kept, "streamed": len(plan.streamed),
@@ -233,7 +233,7 @@ class StageModel:
         model = build_outer(self.spec, embed=self._read("embed"))
         block = build_block(self.spec, 0, self._read("blk.0"))
         return model, block, Executor(model, ResidentLayers(model, {0: block}), self.args.n_layers,
-                                      self.args.sliding_window)
+                                      layer_windows(self.args))
 
     def calibrate(self, repeats: int = 16) -> dict:
         """This node's speed on the model, timed on a real layer (layer 0, loaded for the purpose)

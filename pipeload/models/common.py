@@ -79,15 +79,20 @@ class Split(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * (weight + offset); offset 1 for checkpoints storing w of (1 + w) (Gemma's
+    Hugging Face files; llama.cpp's converter adds the 1 into its GGUF)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.empty(dim, device="meta"), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # computed in float32 like the reference implementations, then cast back
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return ((self.weight.float() + self.offset) * xf).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -242,10 +247,11 @@ class StepInputs:
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV | None,
                      step: StepInputs, scale: float | None = None,
-                     kv_of_head: torch.Tensor | None = None) -> torch.Tensor:
+                     kv_of_head: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of q (B, H, T, hd) over cached plus new k, v (B, Hkv, T, hd) -> (B, T, H*hd).
     kv_of_head (H,): the key/value head of each query head, where heads do not group evenly (a
-    tensor-parallel shard's slice of grouped-query heads). With step.rows, each sequence attends
+    tensor-parallel shard's slice of grouped-query heads); softcap: scores become
+    softcap * tanh(scores / softcap) before the mask (Gemma 2). With step.rows, each sequence attends
     over its own keys exactly as its lone step would (the arithmetic of a batch of queries
     differs from one query's)."""
     if kv is not None:
@@ -260,23 +266,26 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Laye
         out = q.new_empty(1, T, H * hd)
         for t, mask in enumerate(step.lone_queries):
             n = int(step.positions[0, t]) + 1  # keys 0..p, as the decode step at p sees them
-            out[:, t:t + 1] = attend(q[:, :, t:t + 1], k[:, :, :n], v[:, :, :n], mask, scale)
+            out[:, t:t + 1] = attend(q[:, :, t:t + 1], k[:, :, :n], v[:, :, :n], mask, scale, softcap)
         return out
     if step.rows is None or len(step.rows) == 1:
-        return attend(q, k, v, step.mask, scale)
+        return attend(q, k, v, step.mask, scale, softcap)
     B, H, T, hd = q.shape
     out = q.new_zeros(B, T, H * hd)  # padding positions stay 0
     for b, row in enumerate(step.rows):
         kv_len = row.start + row.length if kv is not None else row.length
         out[b:b + 1, :row.length] = attend(q[b:b + 1, :, :row.length], k[b:b + 1, :, :kv_len],
-                                           v[b:b + 1, :, :kv_len], row.mask, scale)
+                                           v[b:b + 1, :, :kv_len], row.mask, scale, softcap)
     return out
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           scale: float | None) -> torch.Tensor:
+           scale: float | None, softcap: float | None = None) -> torch.Tensor:
     """Attention (B, T, H*hd) of q (B, H, T, hd) over k, v (B, Hkv, S, hd): the one-token path for
-    a lone decode step, else SDPA with `mask` (None: causal, the new tokens last among the keys)."""
+    a lone decode step, else SDPA with `mask` (None: causal, the new tokens last among the keys);
+    with softcap, the scores spelled out (SDPA cannot cap them)."""
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
     if q.shape[0] == 1 and q.shape[2] == 1 and mask is None:  # one sequence, one new token
         return one_token_attention(q, k, v, scale)
@@ -289,6 +298,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     B, H, T, hd = out.shape
     return out.transpose(1, 2).reshape(B, T, H * hd)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float | None, softcap: float) -> torch.Tensor:
+    """attend() with scores capped to (-softcap, softcap) by softcap * tanh(s / softcap), as
+    transformers' eager Gemma 2 attention: float32 scores and softmax -> (B, T, H*hd)."""
+    B, H, T, hd = q.shape
+    S, group = k.shape[2], H // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else hd ** -0.5)  # (B, H, T, S)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:  # causal, the new tokens last among the keys
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # (B, H, T, hd)
+    return out.transpose(1, 2).reshape(B, T, H * hd).to(q.dtype)
 
 
 def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 from ..weights.io import IO_MODES, RangeReader
 from ..weights.layout import group_layouts
 from .blocks import build_block, build_outer
-from .executor import Executor, ResidentLayers
+from .executor import Executor, ResidentLayers, layer_windows
 from .kv_cache import KVCache
 from .spec import ModelSpec, SpecView, open_model
 
@@ -144,7 +144,7 @@ def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memor
                                 token_rows_on_disk=plan is not None and plan.token_rows_on_disk,
                                 expert_slots=plan.expert_slots if plan is not None else 0, expert_policy=expert_policy,
                                 guess_experts=guess_experts)
-    executor = Executor(model, layers, args.n_layers, args.sliding_window)
+    executor = Executor(model, layers, args.n_layers, layer_windows(args))
     return Engine(spec=spec, model=model, executor=executor, context=context, plan=plan,
                   io_mode=io_mode if streamed or (plan is not None and plan.expert_slots) else None)
 

@@ -79,29 +79,61 @@ def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> 
     return mask
 
 
+def layer_windows(args) -> list[int | None]:
+    """The sliding window of every layer (None: global attention): `args.layer_windows` where
+    layers differ (Gemma 2/3: local layers between global ones), else args.sliding_window for all."""
+    per_layer = getattr(args, "layer_windows", None)
+    return list(per_layer) if per_layer is not None else [getattr(args, "sliding_window", None)] * args.n_layers
+
+
 class Executor:
-    def __init__(self, model: nn.Module, layers: LayerSource, n_layers: int, window: int | None = None,
+    """Runs the blocks between the model's embeddings and head (see the module docstring).
+
+    windows: the sliding window of every layer (a list, see layer_windows) or one for all (an int
+    or None). Each step gets one StepInputs per distinct window, each with that window's masks;
+    a model whose tables differ by window (Gemma 3's local rope base: `STEP_INPUTS_BY_WINDOW`)
+    gets the window in `step_inputs(positions, mask, window=...)`."""
+
+    def __init__(self, model: nn.Module, layers: LayerSource, n_layers: int, windows=None,
                  prefill_chunk: int = PREFILL_CHUNK):
-        self.model, self.layers, self.n_layers, self.window = model, layers, n_layers, window
+        self.model, self.layers, self.n_layers = model, layers, n_layers
+        self.windows = list(windows) if isinstance(windows, (list, tuple)) else [windows] * n_layers
+        if len(self.windows) != n_layers:
+            raise ValueError(f"{len(self.windows)} layer windows for {n_layers} layers")
         self.prefill_chunk = prefill_chunk
         self.layer_seconds = [0.0] * (n_layers + 1)  # compute time per layer (+ head), when profiling
         self.profile = False
         self.step_span = contextlib.nullcontext  # () -> context around each forward (a tracer's span)
 
-    def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+    @staticmethod
+    def _mask(pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor | None:
         """The attention mask of a chunk at positions pos (B, T) over kv_len keys; None when plain
         causal attention is the same (every sequence at the same positions, starting at 0 or one
         token, within the window). A lone sequence's decision and a batch's are this one rule."""
         uniform = bool((pos == pos[:1]).all())
         start = int(pos[0, 0])
-        plain_causal = uniform and (start == 0 or pos.shape[1] == 1) and (self.window is None or kv_len <= self.window)
-        return None if plain_causal else attention_mask(pos, kv_len, self.window)
+        plain_causal = uniform and (start == 0 or pos.shape[1] == 1) and (window is None or kv_len <= window)
+        return None if plain_causal else attention_mask(pos, kv_len, window)
+
+    def _step_inputs(self, pos: torch.Tensor, kv_len: int, window: int | None, cache, rows, lone_queries):
+        """The StepInputs of a chunk for the layers of one window (masks, rope tables, rows)."""
+        mask = self._mask(pos, kv_len, window)
+        if getattr(self.model, "STEP_INPUTS_BY_WINDOW", False):
+            step = self.model.step_inputs(pos, mask, window=window)
+        else:
+            step = self.model.step_inputs(pos, mask)
+        if rows is not None:
+            step.rows = [replace(r, mask=self._mask(pos[b:b + 1], r.start + r.length if cache is not None
+                                                    else r.length, window)) for b, r in enumerate(rows)]
+        if lone_queries:
+            step.lone_queries = [self._mask(pos[:, t:t + 1], int(pos[0, t]) + 1, window) for t in range(pos.shape[1])]
+        return step
 
     def _chunk_inputs(self, positions: torch.Tensor, cache: KVCache | None, rows: list[RowSpan] | None = None,
                       lone_queries: bool = False):
-        """Per chunk of the step: (slice, StepInputs, positions, uniform) with masks and rope tables;
-        with `rows` (a decode step), each row's lone mask in StepInputs.rows; with lone_queries,
-        each token's lone decode mask in StepInputs.lone_queries."""
+        """Per chunk of the step: (slice, {window: StepInputs}, positions, uniform) with masks and
+        rope tables; with `rows` (a decode step), each row's lone mask in StepInputs.rows; with
+        lone_queries, each token's lone decode mask in StepInputs.lone_queries."""
         T = positions.shape[1]
         uniform = bool((positions == positions[:1]).all())
         chunks = []
@@ -110,13 +142,8 @@ class Executor:
             kv_len = int(pos.max()) + 1 if cache is not None else pos.shape[1]
             if cache is None and s > 0:
                 raise ValueError(f"a prompt longer than {self.prefill_chunk} tokens needs a KV cache")
-            step = self.model.step_inputs(pos, self._mask(pos, kv_len))
-            if rows is not None:
-                step.rows = [replace(r, mask=self._mask(pos[b:b + 1], r.start + r.length if cache is not None
-                                                        else r.length)) for b, r in enumerate(rows)]
-            if lone_queries:
-                step.lone_queries = [self._mask(pos[:, t:t + 1], int(pos[0, t]) + 1) for t in range(pos.shape[1])]
-            chunks.append((slice(s, s + pos.shape[1]), step, pos, uniform))
+            steps = {w: self._step_inputs(pos, kv_len, w, cache, rows, lone_queries) for w in dict.fromkeys(self.windows)}
+            chunks.append((slice(s, s + pos.shape[1]), steps, pos, uniform))
         return chunks
 
     def _runs(self, positions: torch.Tensor, cache: KVCache | None, rows: list[RowSpan] | None,
@@ -165,16 +192,17 @@ class Executor:
         for i in range(start, stop):
             block = self.layers.acquire(i)
             t0 = time.perf_counter() if self.profile else 0.0
+            window = self.windows[i]
             if whole:
-                h = block(h, runs[0][2][0][1], cache.layer(i) if cache is not None else None)
+                h = block(h, runs[0][2][0][1][window], cache.layer(i) if cache is not None else None)
             else:  # chunk after chunk (and sequence after sequence), all before the next layer
                 out = torch.zeros_like(h)  # padding positions of shorter sequences stay 0
                 for batch, cols, chunks, kv in runs:
                     hb = h[batch, cols]
-                    for sl, step, pos, uniform in chunks:
+                    for sl, steps, pos, uniform in chunks:
                         if kv is not None:
                             kv.begin_step(pos, uniform)
-                        out[batch, cols][:, sl] = block(hb[:, sl], step, kv.layer(i) if kv is not None else None)
+                        out[batch, cols][:, sl] = block(hb[:, sl], steps[window], kv.layer(i) if kv is not None else None)
                 h = out
             if self.profile:
                 self.layer_seconds[i] += time.perf_counter() - t0
