@@ -16,7 +16,7 @@ import torch
 
 from moe_models import MINILM, TOKENIZER_FILES, VOCAB
 
-DECODER_KINDS = ["qwen3", "phi3", "gemma2"]  # Gemma 3: the next commit
+DECODER_KINDS = ["qwen3", "phi3", "gemma2", "gemma3"]
 WINDOW = 8         # the sliding window of the Gemma models: tests run sequences longer than it
 SPM_VOCAB = 320    # Gemma 2's and Phi-3's SentencePiece vocabulary
 LONGROPE_ORIGINAL = 64  # Phi-3's original_max_position_embeddings: longer sequences take the long factors

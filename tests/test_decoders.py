@@ -209,8 +209,28 @@ def test_gemma_query_scale_is_query_pre_attn_scalar_from_the_hf_folder(tmp_path)
     no such key and llama.cpp uses head_dim (see models/gemma.py), so this is checked from HF."""
     from decoder_models import build_decoder
 
-    for kind in ("gemma2",):
+    for kind in ("gemma2", "gemma3"):
         model = build_decoder(kind, tmp_path / kind, seed=4, query_pre_attn_scalar=40)
         ids = _ids(n=2 * WINDOW + 3)
         diff = (_forward(load_engine(tmp_path / kind), ids) - reference_logits(model, ids)).abs().max().item()
         assert diff < TOL, f"{kind}: max |diff| {diff}"
+
+
+def test_gemma3_linear_rope_scaling_applies_to_the_global_layers_only(tmp_path):
+    """Gemma 3 (4B and up) scales the global layers' rope linearly; the local layers keep their
+    own base unscaled. From the HF folder and from llama.cpp's converter's GGUF."""
+    from decoder_models import build_decoder
+    from encoder_models import llama_cpp_convert
+    from moe_models import MINILM
+
+    if not (MINILM / "tokenizer.json").is_file():
+        pytest.skip(f"{MINILM} is missing (../shared/models/fetch.sh fetches it): the converter needs its tokenizer")
+    rope = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    model = build_decoder("gemma3", tmp_path / "hf", seed=5, rope_parameters=rope)
+    gguf = llama_cpp_convert(tmp_path / "hf", tmp_path / "model.gguf")
+    ids = _ids(n=3 * WINDOW + 1)
+    ref = reference_logits(model, ids)
+    for src in (tmp_path / "hf", gguf):
+        diff = (_forward(load_engine(src), ids) - ref).abs().max().item()
+        assert diff < TOL, f"{src.name}: max |diff| {diff}"

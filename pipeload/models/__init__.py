@@ -28,12 +28,12 @@ from ..errors import UnsupportedModelError
 
 # checkpoint architecture name -> pipeload module (under pipeload.models)
 HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2",
-                  "phi3": "phi3", "gemma2": "gemma",
+                  "phi3": "phi3", "gemma2": "gemma", "gemma3_text": "gemma",
                   "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
                   "vit": "vit", "deit": "vit",
                   "mixtral": "mixtral", "qwen2_moe": "qwen_moe", "qwen3_moe": "qwen_moe", "olmoe": "olmoe"}
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2", "phi3": "phi3",
-                      "gemma2": "gemma", "bert": "bert", "vit": "vit",
+                      "gemma2": "gemma", "gemma3": "gemma", "bert": "bert", "vit": "vit",
                       "qwen2moe": "qwen_moe", "qwen3moe": "qwen_moe", "olmoe": "olmoe"}
 # architectures that encode (no causal attention, no KV cache, no generation)
 ENCODERS = frozenset({"bert", "vit"})
