@@ -11,6 +11,7 @@ import torch
 from .errors import NoTokenizerError
 from .quant import ops
 from .runtime.engine import Engine, load_engine
+from .runtime.memory import PREFETCH_DEPTH
 from .runtime.generation import GenerationResponse, GenerationStats, stream_generate
 from .runtime.sampling import SamplingParams
 
@@ -38,7 +39,7 @@ class PipelineModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype: str = "auto",
-                        memory_limit: str | int | None = None, prefetch_depth: int = 2, parallel_loading: bool = True,
+                        memory_limit: str | int | None = None, prefetch_depth: int = PREFETCH_DEPTH, parallel_loading: bool = True,
                         batch_size: int | None = None, ctx: int | None = None, io_mode: str = "auto",
                         threads: int | None = None, device: str = "cpu", cluster: str | None = None, workers: int = 1,
                         parallel: str = "pipeline", cluster_token: str | None = None,
@@ -46,9 +47,13 @@ class PipelineModel:
                         draft_tokens: int | str = "auto", draft_vocab: int | str | None = "auto") -> "PipelineModel":
         """Load a GGUF file or Hugging Face folder (None: the built-in model).
 
-        memory_limit ("2GB", "1536MiB", bytes or None) caps peak RSS: what fits stays resident,
-        the rest streams from disk, `prefetch_depth` layers ahead, with several reads in flight if
-        `parallel_loading`. `batch_size` (default 1) and `ctx` size the KV cache the plan reserves;
+        memory_limit ("2GB", "1536MiB", bytes, "auto" or None) caps everything the process is
+        charged for (its memory and the page cache of its reads): what fits stays resident, the
+        rest streams from disk; "auto" is the memory available now (and under a memory cgroup's
+        limit) less a margin, and is what a model too big for that memory gets when None is given;
+        with no `ctx` the budget sizes the KV cache (the plan's notes say how). Streamed layers
+        are read `prefetch_depth` groups ahead, with several reads in flight if `parallel_loading`.
+        `batch_size` (default 1) and `ctx` size the KV cache the plan reserves;
         for an encoder (BERT, ViT) they are the inputs (default 32) of up to `ctx` tokens that one
         pass over streamed weights serves (see embed / classify).
         With `cluster="HOST:PORT"` the model runs on `workers` worker processes or machines

@@ -11,6 +11,7 @@ import sys
 from typing import Callable
 
 from .errors import PipeloadError
+from .runtime.memory import PREFETCH_DEPTH
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -22,8 +23,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_budget_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memory-limit", default=None, help="peak memory budget, e.g. 2GB (default: none, all resident)")
-    p.add_argument("--prefetch-depth", type=int, default=2, help="streamed layer groups read ahead (default 2)")
+    p.add_argument("--memory-limit", default=None, help="memory budget, page cache of its reads included: e.g. 2GB, or auto (what is available "
+                        "now less a margin; the default for a model too big for it; otherwise none, all resident)")
+    p.add_argument("--prefetch-depth", type=int, default=PREFETCH_DEPTH, help=f"streamed layer groups read ahead (default {PREFETCH_DEPTH})")
     p.add_argument("--ctx", type=int, default=None, help="context positions to reserve (default: the model's)")
 
 
@@ -232,15 +234,14 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     from .runtime.memory import current_rss, format_bytes, parse_size
     from .runtime.moe_plan import active_parameters
-    from .runtime.planner import make_plan
+    from .runtime.planner import plan_budget
     from .runtime.probe import probe
     from .runtime.spec import open_model
 
     spec = open_model(a.model, None if a.dtype in ("auto", "reference") else getattr(torch, a.dtype),
                       exact=a.dtype == "reference")
     ckpt, args, dtype = spec.checkpoint, spec.args, spec.dtype
-    context = min(a.ctx or args.context_length, args.context_length)
-    plan = make_plan(spec, parse_size(a.memory_limit), current_rss(), context, a.batch, a.prefetch_depth)
+    plan = plan_budget(spec, parse_size(a.memory_limit), current_rss(), a.ctx, a.batch, a.prefetch_depth)
     machine = probe(ckpt.path if ckpt.path.is_file() else None)
     disk = max(machine["disk_direct"], machine["disk_buffered"])
     flops = 2 * active_parameters(spec, a.batch) * a.batch  # a mixture of experts computes with the routed ones
@@ -395,10 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="what stays resident, what streams, every byte, and the speed bound")
     p.add_argument("model", help="GGUF file or HF folder")
-    p.add_argument("--memory-limit", default=None, help="e.g. 2GB, 1536MiB (default: no limit)")
+    p.add_argument("--memory-limit", default=None, help="e.g. 2GB, 1536MiB, auto (default: no limit)")
     p.add_argument("--ctx", type=int, default=None, help="context positions to reserve (default: the model's)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--prefetch-depth", type=int, default=2, help="streamed groups read ahead (default 2)")
+    p.add_argument("--prefetch-depth", type=int, default=PREFETCH_DEPTH, help=f"streamed groups read ahead (default {PREFETCH_DEPTH})")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "reference"])
     p.add_argument("--cluster", default=None, metavar="NODES.yaml",
                    help="plan layers over the nodes of this file (see pipeload/cluster/cli.py): pipeline and "

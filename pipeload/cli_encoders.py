@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from .runtime.memory import PREFETCH_DEPTH
+
 
 def _load(a: argparse.Namespace):
     from .api import PipelineModel
@@ -111,7 +113,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
     _add_model_options(p)
     p.add_argument("--memory-limit", default=None, help="peak memory budget, e.g. 200MB (default: none, all resident)")
-    p.add_argument("--prefetch-depth", type=int, default=2, help="streamed layer groups read ahead (default 2)")
+    p.add_argument("--prefetch-depth", type=int, default=PREFETCH_DEPTH, help=f"streamed layer groups read ahead (default {PREFETCH_DEPTH})")
     p.add_argument("--batch-size", type=int, default=None,
                    help="inputs per batch; under a memory limit also what one pass over the weights serves (default 32)")
     p.add_argument("-o", "--output", default=None, help="write the JSON lines here (default: stdout)")

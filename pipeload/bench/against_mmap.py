@@ -9,6 +9,10 @@ small machine feels it), fresh processes alternating llama.cpp / pipeload, the p
   weight into anonymous memory and is OOM-killed under any limit smaller than the file).
 - pipeload: `PipelineModel.from_pretrained(memory_limit=<the cgroup limit>)`, `generate`.
 
+`--profile pi5|pi4|pi4-sd` runs the same inside a cgroup with a Raspberry Pi's memory and its
+storage's read rate (blkio throttle): a simulation of memory and disk only, not of the Pi's cores
+(compute here is several times faster), so it shows what the disk and the budget allow.
+
 Each row gives decode seconds per token, the cgroup's peak charge (`memory.max_usage_in_bytes`)
 and whether the OOM killer fired (then the row says "OOM-killed", never a number). The bound of a
 budget is (file bytes - weight bytes pipeload's plan keeps resident) / read rate, the read rate
@@ -20,10 +24,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cgroup import CgroupRun, available, run_in_cgroup
+from .cgroup import CgroupRun, available, block_device, run_in_cgroup
 from .harness import LLAMA_CPP_NO_REPACK, markdown_table, median, save
 
 GB = 10**9
+
+# name -> (memory, storage read rate, what it stands for); --mmap-limits overrides the memory
+PROFILES = {
+    "pi5": (4 * GB, 450e6, "Raspberry Pi 5, 4 GB, NVMe SSD on the PCIe HAT (~450 MB/s)"),
+    "pi4": (4 * GB, 300e6, "Raspberry Pi 4, 4 GB, USB 3 SSD (~300 MB/s)"),
+    "pi4-sd": (4 * GB, 90e6, "Raspberry Pi 4, 4 GB, SD card (~90 MB/s)"),
+}
 
 _LLAMA_CPP = r"""
 import json, sys, time
@@ -76,11 +87,31 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("1\n")
 
 
-def _one(engine: str, path: Path, limit: int, args) -> CgroupRun:
+def _one(engine: str, path: Path, limit: int, in_cgroup: bool, args) -> CgroupRun:
+    """One fresh process; `in_cgroup` False: its group has no limit (the machine's RAM is the
+    limit, the charge still measured) and only pipeload is given `limit` as its budget."""
     drop_page_cache()
+    throttle = (block_device(path), PROFILES[args.profile][1]) if args.profile else None
+    group_limit = limit if in_cgroup else None
     if engine == "llama.cpp":
-        return run_in_cgroup(_LLAMA_CPP, [path, args.tokens, args.prompt], limit, timeout=args.timeout)
-    return run_in_cgroup(_PIPELOAD, [path, limit, args.tokens, args.prompt], limit, timeout=args.timeout)
+        return run_in_cgroup(_LLAMA_CPP, [path, args.tokens, args.prompt], group_limit, timeout=args.timeout,
+                             read_bps=throttle)
+    return run_in_cgroup(_PIPELOAD, [path, limit, args.tokens, args.prompt], group_limit, timeout=args.timeout,
+                         read_bps=throttle)
+
+
+def parse_limits(text: str) -> list[tuple[int, bool]]:
+    """'2,3,20ram' -> [(2 GB, True), (3 GB, True), (20 GB, False)]: GB each; 'ram' = no cgroup,
+    the budget given to pipeload alone (a file larger than this machine's memory)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        in_cgroup = not item.endswith("ram")
+        try:
+            out.append((int(float(item.removesuffix("ram")) * GB), in_cgroup))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a limit in GB (e.g. 2, 3.5, or 20ram for no cgroup)") from None
+    return out
 
 
 def _summary(runs: list[CgroupRun]) -> dict:
@@ -122,36 +153,45 @@ def part_against_mmap(args, path: Path) -> dict:
         raise SystemExit("--against-mmap needs cgroup-v1 memory (/sys/fs/cgroup/memory writable: run as root)")
     size = path.stat().st_size
     rows, data = [], {}
-    for limit in args.mmap_limits:
+    limits = args.mmap_limits or ([(PROFILES[args.profile][0], True)] if args.profile else [(2 * GB, True), (3 * GB, True)])
+    for limit, in_cgroup in limits:
+        label = f"{limit / GB:g} GB" + ("" if in_cgroup else " (no cgroup: this machine's RAM)")
         runs = {"llama.cpp": [], "pipeload": []}
         for k in range(args.repeats):
             for engine in (("llama.cpp", "pipeload") if k % 2 == 0 else ("pipeload", "llama.cpp")):
-                r = _one(engine, path, limit, args)
+                r = _one(engine, path, limit, in_cgroup, args)
                 runs[engine].append(r)
                 shown = "OOM-killed" if r.oom_killed else (f"{r.result['decode_s_per_token']:.2f} s/token" if r.result
                                                            else f"failed rc={r.returncode}: {r.stderr[-300:]}")
-                print(f"  {limit / GB:g} GB {engine} run {k + 1}: {shown}, cgroup peak {r.max_usage / GB:.2f} GB, "
+                print(f"  {label} {engine} run {k + 1}: {shown}, cgroup peak {r.max_usage / GB:.2f} GB, "
                       f"limit hits {r.limit_hits}", flush=True)
         lc, pl = _summary(runs["llama.cpp"]), _summary(runs["pipeload"])
-        data[f"{limit / GB:g} GB"] = {"llama.cpp": lc, "pipeload": pl}
+        data[label] = {"llama.cpp": lc, "pipeload": pl}
         speed = f"{lc['decode_s_per_token'] / pl['decode_s_per_token']:.2f}x" if lc["ok"] and pl["ok"] else "-"
         if pl["ok"] and pl.get("disk_bw"):
             b = (size - pl["resident_weight_bytes"]) / pl["disk_bw"]
             bound = [f"{b:.2f}", f"{b / pl['decode_s_per_token']:.0%}", f"{pl['disk_bw'] / GB:.2f}"]
         else:
             bound = ["-", "-", "-"]
-        rows.append([f"{limit / GB:g} GB", *_cell(lc), *_cell(pl), speed, *bound, pl.get("io_mode") or "-"])
+        rows.append([label, *_cell(lc), *_cell(pl), speed, *bound, pl.get("io_mode") or "-"])
         print(markdown_table(HEADERS, rows[-1:]), flush=True)
     table = (f"model: {path.name} ({size / GB:.2f} GB), {args.tokens} decode tokens after a {args.prompt}-token "
              f"prompt, 2 threads, medians of {args.repeats} alternating fresh processes, page cache dropped before "
-             "each; llama.cpp use_mmap=True, use_extra_bufts=False (no repack)\n\n" + markdown_table(HEADERS, rows))
-    save(Path(args.out), "streaming-against-mmap", data, table)
+             "each; llama.cpp use_mmap=True, use_extra_bufts=False (no repack)\n"
+             + (f"profile {args.profile}: {PROFILES[args.profile][2]}, reads throttled to "
+                f"{PROFILES[args.profile][1] / 1e6:.0f} MB/s (blkio); memory and disk simulated, not the Pi's cores\n"
+                if args.profile else "") + "\n" + markdown_table(HEADERS, rows))
+    save(Path(args.out), "streaming-against-mmap" + (f"-{args.profile}" if args.profile else ""), data, table)
     return {"table": table, "data": data}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against-mmap", action="store_true",
                    help="only the cgroup comparison with llama.cpp's mmap (see pipeload/bench/against_mmap.py)")
-    p.add_argument("--mmap-limits", type=lambda s: [int(float(x) * GB) for x in s.split(",")], default=[2 * GB, 3 * GB],
-                   help="cgroup memory limits in GB for --against-mmap (default 2,3)")
+    p.add_argument("--mmap-limits", type=parse_limits, default=None,
+                   help="cgroup memory limits in GB for --against-mmap (default 2,3, or the profile's memory); "
+                        "'20ram': no cgroup, pipeload's budget 20 GB, llama.cpp the machine's RAM")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                   help="--against-mmap on a simulated Raspberry Pi: its memory as the cgroup limit and its storage's "
+                        "read rate as a blkio throttle (" + "; ".join(f"{k}: {v[2]}" for k, v in PROFILES.items()) + ")")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child run")

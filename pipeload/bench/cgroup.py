@@ -5,7 +5,10 @@ reads or maps (model files, torch's shared libraries), so a run that fits its bu
 a machine of that size. `run_in_cgroup` starts the child already inside a fresh group (the pid is
 written into `tasks` before exec), waits, and reports the group's peak charge
 (`memory.max_usage_in_bytes`), how often the limit was reached (`memory.failcnt`: the kernel then
-reclaimed cache to stay under it) and whether the OOM killer fired.
+reclaimed cache to stay under it) and whether the OOM killer fired. With `read_bps` the child
+is also put in a blkio group whose reads from the model's disk are throttled to that rate
+(`blkio.throttle.read_bps_device`, O_DIRECT and buffered alike): a slower disk, such as a
+Raspberry Pi's NVMe, USB SSD or SD card, simulated on this one.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
+CGROUP_BLKIO = Path("/sys/fs/cgroup/blkio")
 
 
 @dataclass
@@ -37,6 +41,16 @@ def available() -> bool:
     return CGROUP_MEMORY.is_dir() and os.access(CGROUP_MEMORY, os.W_OK)
 
 
+def block_device(path: str | os.PathLike) -> str:
+    """'MAJOR:MINOR' of the whole disk holding `path` (a partition's parent: throttles apply to disks)."""
+    dev = os.stat(path).st_dev
+    name = f"{os.major(dev)}:{os.minor(dev)}"
+    sysfs = Path("/sys/dev/block") / name
+    if (sysfs / "partition").exists():
+        name = (sysfs.resolve().parent / "dev").read_text().strip()
+    return name
+
+
 def _read_int(path: Path, default: int = 0) -> int:
     try:
         return int(path.read_text().split()[0])
@@ -45,25 +59,34 @@ def _read_int(path: Path, default: int = 0) -> int:
 
 
 def run_in_cgroup(code: str, args: list, limit: int | None, timeout: float = 3600,
-                  env: dict | None = None) -> CgroupRun:
+                  env: dict | None = None, read_bps: tuple[str, int] | None = None) -> CgroupRun:
     """Run `python -c code *args` in a new memory cgroup limited to `limit` bytes (None: no limit,
     only measured); swap is excluded from the limit's escape (memsw set too where it exists).
+    `read_bps`: (device 'MAJOR:MINOR', bytes/s) to throttle the child's reads from that disk.
     Raises RuntimeError when cgroups are not available."""
     if not available():
         raise RuntimeError(f"memory cgroups are not available here ({CGROUP_MEMORY} missing or not writable; run as root)")
-    group = CGROUP_MEMORY / f"pipeload-bench-{uuid.uuid4().hex[:10]}"
+    if read_bps is not None and not os.access(CGROUP_BLKIO, os.W_OK):
+        raise RuntimeError(f"blkio cgroups are not available here ({CGROUP_BLKIO} missing or not writable)")
+    name = f"pipeload-bench-{uuid.uuid4().hex[:10]}"
+    group = CGROUP_MEMORY / name
     group.mkdir()
+    blkio = CGROUP_BLKIO / name if read_bps is not None else None
+    if blkio is not None:
+        blkio.mkdir()
+        (blkio / "blkio.throttle.read_bps_device").write_text(f"{read_bps[0]} {int(read_bps[1])}")
     try:
         if limit is not None:
             (group / "memory.limit_in_bytes").write_text(str(limit))
             memsw = group / "memory.memsw.limit_in_bytes"
             if memsw.exists():
                 memsw.write_text(str(limit))
-        tasks = str(group / "tasks")
+        tasks = [str(g / "tasks") for g in (group, blkio) if g is not None]
 
         def enter_group():  # runs in the child between fork and exec
-            with open(tasks, "w") as f:
-                f.write(str(os.getpid()))
+            for name in tasks:
+                with open(name, "w") as f:
+                    f.write(str(os.getpid()))
 
         proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, preexec_fn=enter_group,
@@ -82,11 +105,12 @@ def run_in_cgroup(code: str, args: list, limit: int | None, timeout: float = 360
                          limit_hits=_read_int(group / "memory.failcnt"), oom_killed=oom,
                          returncode=proc.returncode, stderr=err[-3000:])
     finally:
-        for _ in range(50):  # the group can be removed once its last task has exited
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                import time
+        for g in (group, blkio):
+            for _ in range(50 if g is not None else 0):  # a group can be removed once its last task has exited
+                try:
+                    g.rmdir()
+                    break
+                except OSError:
+                    import time
 
-                time.sleep(0.05)
+                    time.sleep(0.05)

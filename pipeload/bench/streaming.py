@@ -315,7 +315,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     parts = ["against_mmap"] if args.against_mmap else args.parts.split(",")
     t0 = time.time()
-    path = _model(args, SHAPES[args.shape], args.mix, args.shape) if set(parts) - {"big"} else None
+    shape, name = SHAPES[args.shape], args.shape
+    if args.shape == "70b":  # sized by its layer count
+        shape, name = LlamaShape(shape.dim, args.big_layers, shape.n_heads, shape.n_kv_heads, shape.ffn_dim,
+                                 shape.vocab, 4096), f"70b-{args.big_layers}l"
+    path = _model(args, shape, args.mix, name) if set(parts) - {"big"} else None
     report = {}
     for part in parts:
         print(f"\n== {part} ==", flush=True)

@@ -37,6 +37,7 @@ SHAPES = {
     "tiny-256": LlamaShape(256, 4, 4, 2, 704, 4096, 1024),
     "1b": LlamaShape(2048, 22, 32, 4, 5632, 32000, 2048),        # TinyLlama 1.1B
     "7b": LlamaShape(4096, 32, 32, 32, 11008, 32000, 4096),      # Llama 2 7B
+    "13b": LlamaShape(5120, 40, 40, 40, 13824, 32000, 4096),     # Llama 2 13B
     "70b": LlamaShape(8192, 80, 64, 8, 28672, 32000, 4096),      # Llama 2 70B (use n_layers to size it)
 }
 

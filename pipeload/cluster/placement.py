@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from ..runtime.memory import PREFETCH_DEPTH
+
 INF = float("inf")
 
 
@@ -113,7 +115,7 @@ class Placement:
 
 
 def stage_cost(node: NodeSpec, cost: ModelCost, start: int, stop: int, context: int, batch: int,
-               with_head: bool, prefetch_depth: int = 2) -> tuple[float, int, int]:
+               with_head: bool, prefetch_depth: int = PREFETCH_DEPTH) -> tuple[float, int, int]:
     """(seconds per token, resident bytes, streamed bytes) of `node` running layers start..stop-1
     (and the head); seconds is inf when not even a streaming ring fits its memory."""
     sizes = list(cost.layer_bytes[start:stop]) + ([cost.head_bytes] if with_head else [])
@@ -148,7 +150,7 @@ def return_seconds(cost: ModelCost, link: LinkSpec, batch: int = 1) -> float:
 
 
 def place_pipeline(nodes: list[NodeSpec], cost: ModelCost, link: LinkSpec, context: int, batch: int = 1,
-                   prefetch_depth: int = 2, every_node: bool = True) -> Placement:
+                   prefetch_depth: int = PREFETCH_DEPTH, every_node: bool = True) -> Placement:
     """Contiguous layer ranges for the nodes, in their order, minimising the slowest stage (then
     the sum). With every_node, each node gets at least one layer (when there are enough layers);
     else a node that cannot make the pipeline faster gets none. Raises ValueError if no

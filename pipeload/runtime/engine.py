@@ -21,6 +21,7 @@ from ..weights.layout import group_layouts
 from .blocks import build_block, build_outer
 from .executor import Executor, ResidentLayers, layer_windows
 from .kv_cache import KVCache
+from .memory import PREFETCH_DEPTH
 from .spec import ModelSpec, SpecView, open_model
 
 
@@ -52,7 +53,7 @@ class Engine(SpecView):
         return KVCache(a.n_layers, batch, a.n_kv_heads, a.head_dim, max_len, self.dtype)
 
 
-def load_layers(spec: ModelSpec, resident: list[str], streamed: list[str], io_mode: str, prefetch_depth: int = 2,
+def load_layers(spec: ModelSpec, resident: list[str], streamed: list[str], io_mode: str, prefetch_depth: int = PREFETCH_DEPTH,
                 read_threads: int = 2, blocks: dict[int, nn.Module] | None = None, model: nn.Module | None = None,
                 token_rows_on_disk: bool = False, expert_slots: int = 0, expert_policy: str = "lru",
                 guess_experts: bool = True):
@@ -111,7 +112,7 @@ def load_layers(spec: ModelSpec, resident: list[str], streamed: list[str], io_mo
 
 
 def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memory_limit: int | None = None,
-                context: int | None = None, batch: int | None = None, prefetch_depth: int = 2,
+                context: int | None = None, batch: int | None = None, prefetch_depth: int = PREFETCH_DEPTH,
                 parallel_loading: bool = True, io_mode: str = "auto", expert_policy: str = "lru",
                 guess_experts: bool = True, exact: bool = False) -> Engine:
     """Open a GGUF file or HF folder and make it runnable; raises PipeloadError subclasses.
@@ -128,18 +129,25 @@ def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memor
     args = spec.args
     if batch is None:  # an encoder's pass serves many inputs; a decoder's KV cache is sized for one
         batch = 32 if spec.is_encoder else 1
-    context = min(context or args.context_length, args.context_length)
+    asked, context = context, min(context or args.context_length, args.context_length)
     order = [f"blk.{i}" for i in range(args.n_layers)] + ["head"]
     plan, resident, streamed = None, order, []
+    if memory_limit is None:
+        memory_limit = _auto_if_too_big(spec, context, batch, prefetch_depth)
     if memory_limit is not None:
-        from .memory import current_rss
-        from .planner import make_plan
+        from .memory import current_rss, release_runtime_cache
+        from .planner import plan_budget
         from .streaming import keep_torch_quiet
 
         keep_torch_quiet()
-        plan = make_plan(spec, memory_limit, current_rss(), context, batch, prefetch_depth)
+        release_runtime_cache()  # what is left of the runtime's files is what its mappings use: in RSS
+        plan = plan_budget(spec, memory_limit, current_rss(), asked, batch, prefetch_depth,
+                           buffered_reads=io_mode != "direct")
+        context = plan.context
         resident, streamed = plan.resident, plan.streamed
     io_mode = _io_mode(io_mode, spec, plan)
+    if plan is not None and io_mode == "direct":
+        plan.read_cache_bytes = 0  # O_DIRECT reads leave nothing in the page cache
     model, layers = load_layers(spec, resident, streamed, io_mode, prefetch_depth, 2 if parallel_loading else 1,
                                 token_rows_on_disk=plan is not None and plan.token_rows_on_disk,
                                 expert_slots=plan.expert_slots if plan is not None else 0, expert_policy=expert_policy,
@@ -147,6 +155,24 @@ def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memor
     executor = Executor(model, layers, args.n_layers, layer_windows(args))
     return Engine(spec=spec, model=model, executor=executor, context=context, plan=plan,
                   io_mode=io_mode if streamed or (plan is not None and plan.expert_slots) else None)
+
+
+def _auto_if_too_big(spec: ModelSpec, context: int, batch: int, prefetch_depth: int) -> int | None:
+    """None when the model runs resident in the memory available now; else memory_limit="auto"
+    (runtime/memory.py auto_budget), with a warning: a model given no budget never thrashes."""
+    import warnings
+
+    from .memory import auto_budget, current_rss, format_bytes
+    from .planner import make_plan
+
+    need = make_plan(spec, None, current_rss(), context, batch, prefetch_depth).predicted_peak
+    budget = auto_budget()
+    if need <= budget:
+        return None
+    warnings.warn(f"the model needs {format_bytes(need)} resident (context {context}), more than the "
+                  f"{format_bytes(budget)} available: it streams under memory_limit='auto' ({format_bytes(budget)}); "
+                  f"give memory_limit to choose", stacklevel=3)
+    return budget
 
 
 def _io_mode(io_mode: str, spec: ModelSpec, plan) -> str:

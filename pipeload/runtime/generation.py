@@ -83,7 +83,8 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_tokens: int, ctx: int) -
             raise ValueError(f"prompt {s} is empty: give at least one token")
         if len(p) >= ctx:
             raise ContextLengthError(
-                f"prompt {s} has {len(p)} tokens but the model's context is {ctx}: shorten the prompt")
+                f"prompt {s} has {len(p)} tokens but the context is {ctx} positions: shorten the prompt, "
+                f"or load the model with a larger ctx (a memory budget sizes it when none is given)")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
 

@@ -22,11 +22,12 @@ import torch
 from ..errors import MemoryBudgetError
 from ..quant import ops
 from ..weights.index import LayerGroup
+from ..weights.io import READ_CHUNK
 from ..weights.layout import group_layout, group_layouts
 from .executor import ENCODE_CHUNK, PREFILL_CHUNK
 from .sharding import shard_bytes, tensor_parallel_plan
 from .kv_cache import KVCache
-from .memory import format_bytes
+from .memory import PREFETCH_DEPTH, format_bytes
 
 MARGIN_FRACTION = 0.04   # allocator fragmentation, thread stacks, Python objects
 MIN_MARGIN = 48 << 20
@@ -61,6 +62,7 @@ class Plan:
     routed_bytes_per_pass: int = 0          # the same for the batch: the expected union of its rows' experts
     resident_expert_bytes: int = 0          # bytes of routed experts inside resident layer groups
     guide_bytes: int = 0                    # routers (and norms) of streamed layers, held for guessing ahead
+    read_cache_bytes: int = 0               # page cache of buffered reads in flight (weights/io.py), until dropped
 
     @property
     def ring_bytes(self) -> int:
@@ -113,7 +115,7 @@ class Plan:
     @property
     def predicted_peak(self) -> int:
         return (self.runtime_bytes + self.resident_weight_bytes + self.ring_bytes + self.transient_bytes
-                + self.load_buffer_bytes + self.expert_cache_bytes + self.guide_bytes
+                + self.load_buffer_bytes + self.expert_cache_bytes + self.guide_bytes + self.read_cache_bytes
                 + self.kv_cache_bytes + self.activation_bytes + self.scratch_bytes + self.margin_bytes)
 
     def seconds_per_pass(self, disk_bw: float, mem_bw: float, flops: float, peak_flops: float) -> dict[str, float]:
@@ -138,6 +140,8 @@ class Plan:
             ("scratch (weight rows decoded by one product)", self.scratch_bytes),
             ("margin (allocator, stacks, objects)", self.margin_bytes),
         ]
+        if self.read_cache_bytes:
+            rows.insert(4, ("page cache of buffered reads in flight (each dropped once read)", self.read_cache_bytes))
         if self.transient_bytes:
             rows.insert(4, ("materialized matrices of the streamed layer computing", self.transient_bytes))
         if self.load_buffer_bytes:
@@ -210,6 +214,12 @@ def _materialized(ref, exact: bool) -> int:
     return 0 if kind is None else math.prod(ref.shape) * (4 if kind == "F32" else 2)
 
 
+def read_cache_bytes(slot_bytes: int, prefetch_depth: int, read_threads: int = 2) -> int:
+    """Page cache that buffered reads into the ring hold at once: a READ_CHUNK per reading thread
+    when a group is read in chunks, else one group per prefetch thread (runtime/streaming.py)."""
+    return read_threads * READ_CHUNK if slot_bytes > READ_CHUNK else prefetch_depth * slot_bytes
+
+
 def group_sizes(spec, shard=None) -> tuple[int, dict[str, int], tuple[int, int], dict[str, int]]:
     """(embedding bytes, {group: bytes held: the file's aligned span, or a tensor-parallel rank's
     part of it}, shape (N, K) of the largest matrix computed on, {group: bytes of matrices
@@ -271,16 +281,17 @@ def spread(n_total: int, n_pick: int) -> list[int]:
 
 
 def make_plan(spec, budget: int | None, runtime_bytes: int, context: int, batch: int, prefetch_depth: int,
-              layers: range | None = None, head: bool = True, shard=None) -> Plan:
+              layers: range | None = None, head: bool = True, shard=None, buffered_reads: bool = True) -> Plan:
     """Decide residency of a ModelSpec's groups under `budget`: every layer and the head, or a
     cluster stage's `layers` (and the head if it has it), or with `shard` (runtime/sharding.py) a
     tensor-parallel rank's part of them, which is held whole (shards do not stream). The
     embeddings are always resident. A whole mixture-of-experts model that does not fit reads its
     routed experts on demand (runtime/moe_plan.py); a cluster stage of one places whole layers.
-    Raises MemoryBudgetError if the budget cannot hold the minimum, naming the smallest budget
-    that would."""
+    `buffered_reads`: streamed reads may go through the page cache (counted while in flight);
+    False when they are known to be O_DIRECT. Raises MemoryBudgetError if the budget cannot hold
+    the minimum, naming the smallest budget that would."""
     everything, candidates = _candidates(spec, budget, runtime_bytes, context, batch, prefetch_depth,
-                                         layers, head, shard)
+                                         layers, head, shard, buffered_reads)
     from .moe_plan import describe_resident_experts, is_moe, make_moe_plan
 
     whole_moe = is_moe(spec) and layers is None and shard is None
@@ -311,6 +322,54 @@ def make_plan(spec, budget: int | None, runtime_bytes: int, context: int, batch:
     return min(fitting, key=lambda c: (c.streamed_bytes, c.predicted_peak))
 
 
+# A budget with no context asked for gets the largest of these (<= the model's) whose KV cache
+# takes at most KV_SHARE of it, so that most of the budget goes to weights; else the largest that fits.
+BUDGET_CONTEXTS = (4096, 2048, 1024, 512, 256, 128, 64, 32)
+KV_SHARE = 0.25
+
+
+def budget_context(spec, budget: int, runtime_bytes: int, batch: int, prefetch_depth: int,
+                   buffered_reads: bool = True) -> tuple[int, str | None]:
+    """(positions, a note for the plan or None): the context a decoder gets under `budget` when
+    none is given. The model's own when everything fits with it; otherwise see BUDGET_CONTEXTS.
+    Raises the planner's MemoryBudgetError (at 256 positions) when no context fits."""
+    full = spec.args.context_length
+
+    def fits(ctx: int) -> Plan | None:
+        try:
+            return make_plan(spec, budget, runtime_bytes, ctx, batch, prefetch_depth, buffered_reads=buffered_reads)
+        except MemoryBudgetError:
+            return None
+
+    everything = make_plan(spec, None, runtime_bytes, full, batch, prefetch_depth, buffered_reads=buffered_reads)
+    if everything.predicted_peak <= budget:
+        return full, None
+    tried = [full] * (full <= BUDGET_CONTEXTS[0]) + [c for c in BUDGET_CONTEXTS if c < full]
+    plans = {c: fits(c) for c in tried}
+    modest = [c for c in tried if plans[c] is not None and plans[c].kv_cache_bytes <= KV_SHARE * budget]
+    chosen = modest[0] if modest else next((c for c in tried if plans[c] is not None), None)
+    if chosen is None:
+        make_plan(spec, budget, runtime_bytes, min(256, full), batch, prefetch_depth, buffered_reads=buffered_reads)
+        raise AssertionError("make_plan accepted a plan that fits() refused")  # pragma: no cover
+    why = f"its KV cache takes at most {KV_SHARE:.0%} of the budget" if modest else "the largest that fits"
+    return chosen, (f"context {chosen} positions (the model's is {full}), sized to the budget: {why} "
+                    f"({format_bytes(plans[chosen].kv_cache_bytes)}); give ctx to choose another")
+
+
+def plan_budget(spec, budget: int | None, runtime_bytes: int, context: int | None, batch: int, prefetch_depth: int,
+                buffered_reads: bool = True) -> Plan:
+    """make_plan at the context asked for (at most the model's), or with none asked for and a
+    budget, at the context the budget gives (budget_context, said in the plan's notes)."""
+    full = spec.args.context_length
+    note = None
+    if context is None and budget is not None and not spec.is_encoder:
+        context, note = budget_context(spec, budget, runtime_bytes, batch, prefetch_depth, buffered_reads)
+    plan = make_plan(spec, budget, runtime_bytes, min(context or full, full), batch, prefetch_depth,
+                     buffered_reads=buffered_reads)
+    plan.notes += [note] if note else []
+    return plan
+
+
 def smallest_plan(spec, runtime_bytes: int, context: int, batch: int, prefetch_depth: int) -> Plan:
     """The plan with the smallest predicted peak (every layer group streamed, as little held as
     the architecture allows): the least memory_limit this model runs under."""
@@ -319,7 +378,8 @@ def smallest_plan(spec, runtime_bytes: int, context: int, batch: int, prefetch_d
 
 
 def _candidates(spec, budget: int | None, runtime_bytes: int, context: int, batch: int, prefetch_depth: int,
-                layers: range | None = None, head: bool = True, shard=None) -> tuple[Plan, list[Plan]]:
+                layers: range | None = None, head: bool = True, shard=None,
+                buffered_reads: bool = True) -> tuple[Plan, list[Plan]]:
     """(the all-resident plan, every other plan make_plan chooses from), over `layers` (all by
     default) and the head if `head`, or a tensor-parallel rank's `shard` of them."""
     if prefetch_depth < 1:
@@ -340,9 +400,7 @@ def _candidates(spec, budget: int | None, runtime_bytes: int, context: int, batc
     materialized = {g: materialized[g] for g in order}
     load_buffer = 0 if shard is None else max(
         (layout.nbytes for g, layout in group_layouts(spec.index).items() if g in order), default=0)
-    weights = embed + sum(spans.values()) + sum(materialized.values())
     fixed = runtime_bytes + embed + kv + act + scratch
-    margin = max(MIN_MARGIN, int(MARGIN_FRACTION * (fixed + weights)))
 
     table_on_disk = token_table_on_disk_bytes(spec)
 
@@ -350,10 +408,12 @@ def _candidates(spec, budget: int | None, runtime_bytes: int, context: int, batc
         resident = resident + [g for g in order if spans[g] == 0 and g not in resident]  # nothing to stream
         streamed = [g for g in order if g not in resident]
         slot = max((spans[g] for g in streamed), default=0)
+        held = fixed + sum(spans[g] + materialized[g] for g in resident) + (prefetch_depth + 1) * slot * bool(streamed)
+        margin = max(MIN_MARGIN, int(MARGIN_FRACTION * held))  # of what this plan holds, not of the model
         return Plan(budget, runtime_bytes, table_on_disk if rows_on_disk else embed, spans,
                     [g for g in order if g in resident], streamed, prefetch_depth, slot, kv, act, scratch, margin,
                     context, batch, materialized, load_buffer_bytes=load_buffer, encoder=spec.is_encoder,
-                    token_rows_on_disk=rows_on_disk)
+                    token_rows_on_disk=rows_on_disk, read_cache_bytes=read_cache_bytes(slot, prefetch_depth) if streamed and buffered_reads else 0)
 
     everything = plan(order)
     # candidates: k blocks resident, spread evenly, with the head resident or streamed (a head larger
@@ -367,7 +427,7 @@ def _candidates(spec, budget: int | None, runtime_bytes: int, context: int, batc
 
 
 def budget_for_weights(spec, fraction: float, runtime_bytes: int, context: int, batch: int,
-                       prefetch_depth: int = 2) -> int:
+                       prefetch_depth: int = PREFETCH_DEPTH) -> int:
     """The memory_limit that leaves `fraction` of the weights' bytes for weights (resident
     groups, the prefetch ring, the embeddings held) on top of everything else the plan counts
     (runtime, activations, KV cache, scratch, margin): how `pipeload bench encoders` states

@@ -101,6 +101,7 @@ class StreamedLayers:
             self._resync(group)
             self._fill()
         _, slot, fut = self.pending.popleft()
+        self._fill()  # the next read starts now, while this group is awaited and computes
         t0 = time.perf_counter()
         fut.result()  # re-raises a read error here, in the computing thread
         self.stats.wait_seconds[group] = self.stats.wait_seconds.get(group, 0.0) + time.perf_counter() - t0

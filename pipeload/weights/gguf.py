@@ -1,7 +1,8 @@
 """GGUF reader: metadata and tensor byte ranges, without loading tensor data.
 
 The header is parsed from a read-only memory map that is closed afterwards, so opening a
-30 GB file touches only its first few megabytes. Every length, count, shape and offset read
+30 GB file touches only its first few megabytes; their pages (and what the kernel read around
+them) are dropped from the page cache afterwards. Every length, count, shape and offset read
 from the file is checked against the file size before it is used: a truncated or corrupt file
 raises `ModelFileError` naming the problem, never an IndexError or a huge allocation.
 
@@ -27,6 +28,7 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_NESTING = 4
+HEADER_READAROUND = 32 << 20  # beyond the header, what faults on its pages may have read (4x an 8 MB readahead)
 
 # GGUF metadata value types -> struct format (scalars) ; 8 = string, 9 = array
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -152,8 +154,12 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     size = path.stat().st_size
     if size < 24:
         raise ModelFileError(f"{path}: not a GGUF file (only {size} bytes)")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        return _parse(memoryview(mm), path, size)
+    with open(path, "rb") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            parsed = _parse(memoryview(mm), path, size)
+        # the kernel read around the header's pages (up to its readahead window past them): drop them all
+        os.posix_fadvise(f.fileno(), 0, parsed.data_offset + HEADER_READAROUND, os.POSIX_FADV_DONTNEED)
+    return parsed
 
 
 def _parse(buf: memoryview, path: Path, size: int) -> GGUFFile:

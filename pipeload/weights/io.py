@@ -2,8 +2,13 @@
 
 Page cache is memory too. Two ways to read without keeping the model in it:
 - "direct": O_DIRECT reads into page-aligned buffers (the kernel copies nothing);
-- "buffered": ordinary reads with the kernel's readahead, then posix_fadvise(DONTNEED) on what
-  was read so its pages are dropped.
+- "buffered": ordinary reads, then posix_fadvise(DONTNEED) on what was read so its pages are
+  dropped. The descriptor is marked POSIX_FADV_RANDOM: the kernel reads exactly the ranges asked
+  for and no readahead beyond them. (With readahead on, a read in flight on one thread brings back
+  the first pages of the next range after another thread has read and dropped them: on a disk with
+  8 MB readahead that left a quarter of every streamed layer in the cache after each pass.) Large
+  ranges are read in chunks of READ_CHUNK, so at most a chunk per reading thread is in the cache
+  at once.
 Which is faster depends on the disk; `probe_read_bandwidth` measures both.
 """
 
@@ -23,6 +28,7 @@ from ..errors import ModelFileError
 MAX_READ = 1 << 30  # Linux returns at most ~2 GiB per read call; stay well below
 ALIGN = 4096        # O_DIRECT needs offsets, lengths and addresses aligned to the block size
 IO_MODES = ("direct", "buffered")
+READ_CHUNK = 8 << 20  # one read call; the page cache a buffered read holds until it is dropped
 
 
 def aligned_buffer(nbytes: int) -> torch.Tensor:
@@ -58,6 +64,8 @@ class RangeReader:
                 fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
             except OSError as e:
                 raise ModelFileError(f"{path}: cannot open: {e.strerror}") from None
+            if self.drop_cache and not direct:  # no readahead past what is read (and dropped)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             self._fds[(path, direct)] = fd
         return fd
 
@@ -93,14 +101,16 @@ class RangeReader:
 
 
 def read_span(reader: RangeReader, path: Path, offset: int, out: torch.Tensor, mode: str,
-              pool: ThreadPoolExecutor | None = None, chunk: int = 8 << 20) -> None:
-    """Fill `out` with the file bytes at `offset`, split in `chunk`-sized reads run on `pool`
-    (several reads in flight keep the disk's queue full). For mode "direct", offset and out
-    must be aligned."""
+              pool: ThreadPoolExecutor | None = None, chunk: int = READ_CHUNK) -> None:
+    """Fill `out` with the file bytes at `offset`, split in `chunk`-sized reads, run on `pool`
+    if given (several reads in flight keep the disk's queue full), else one after another (a
+    buffered read then holds at most one chunk in the page cache). For mode "direct", offset
+    and out must be aligned."""
     direct = mode == "direct"
     n = out.numel()
     if pool is None or n <= chunk:
-        reader.read_into(path, offset, out, direct)
+        for s in range(0, max(n, 1), chunk):
+            reader.read_into(path, offset + s, out[s:min(n, s + chunk)], direct)
         return
     futures = [pool.submit(reader.read_into, path, offset + s, out[s:min(n, s + chunk)], direct)
                for s in range(0, n, chunk)]
