@@ -25,22 +25,21 @@ SENTENCEPIECE_KINDS = {"gemma2", "phi3"}  # folders with a tokenizer.model (the 
 
 def decoder_config(kind: str, **over):
     """A transformers config of a tiny decoder: 6 layers for Gemma 3 (5 local : 1 global), 4
-    for Gemma 2 (alternating local and global), 4 for Qwen3 (its feed-forward wide enough that a
-    budget can stream layers, test_decoders._streaming_budget)."""
+    for Gemma 2 (alternating local and global), 4 for Qwen3 and Phi-3; the feed-forward wide
+    enough that a budget can stream layers (test_decoders._streaming_budget)."""
     import transformers as tf
 
-    base = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    base = dict(hidden_size=64, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                 max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True)
     if kind == "qwen3":
         return tf.Qwen3Config(**{**base, "num_hidden_layers": 4, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
-                                 "intermediate_size": 2048,
                                  "tie_word_embeddings": False, **over})
     if kind == "phi3":  # LongRoPE: short factors within 64 positions, long ones beyond; a window on every layer
         g = torch.Generator().manual_seed(3)
         factors = lambda: [round(1.0 + 3.0 * x, 4) for x in torch.rand(8, generator=g).tolist()]  # noqa: E731
         rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": factors(), "long_factor": factors(),
                 "original_max_position_embeddings": LONGROPE_ORIGINAL}
-        return tf.Phi3Config(**{**base, "num_hidden_layers": 3, "vocab_size": SPM_VOCAB, "tie_word_embeddings": False,
+        return tf.Phi3Config(**{**base, "num_hidden_layers": 4, "vocab_size": SPM_VOCAB, "tie_word_embeddings": False,
                                 "original_max_position_embeddings": LONGROPE_ORIGINAL, "rope_parameters": rope,
                                 "sliding_window": WINDOW, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
                                 **over})

@@ -61,18 +61,34 @@ def _loadable_gguf(decoder_tiny, kind, tmp_path):
     return gguf_without_key(gguf, tmp_path / "model.gguf", "tokenizer.ggml.model", "tokenizer.ggml.tokens")
 
 
-def _streaming_budget(path) -> int:
-    """A memory budget halfway between the all-resident plan's peak and the smallest plan
-    (so that small changes of the process's RSS change neither decision), with O_DIRECT reads: buffered ones also hold a group's page cache while it is read, which for models
-    this small costs more than the groups streaming saves."""
+def _load_streamed(path):
+    """PipelineModel under a memory budget between the all-resident plan's peak and the smallest
+    plan, with O_DIRECT reads (buffered ones also hold a group's page cache while it is read,
+    which for models this small costs more than streaming saves). The plan is made from the RSS
+    at load, which moves by a few MB between here and there in a long test session: the budget
+    is bisected over real loads, lowered when all-resident, raised when refused."""
+    from pipeload import PipelineModel
+    from pipeload.errors import MemoryBudgetError
     from pipeload.runtime.memory import current_rss
     from pipeload.runtime.planner import _candidates
     from pipeload.runtime.spec import open_model
 
     full, candidates = _candidates(open_model(path), None, current_rss(), 64, 1, 1, buffered_reads=False)
-    streaming = min(c.predicted_peak for c in candidates if c.streamed)
-    assert streaming < full.predicted_peak - 2 * 2**20, "the test model is too small for a budget to stream it"
-    return (streaming + full.predicted_peak) // 2
+    lo, hi = min(c.predicted_peak for c in candidates if c.streamed), full.predicted_peak
+    assert lo < hi - 2 * 2**20, "the test model is too small for a budget to stream it"
+    lo, hi = lo - 64 * 2**20, hi + 64 * 2**20  # the RSS at load may differ by this much
+    for _ in range(16):
+        budget = (lo + hi) // 2
+        try:
+            m = PipelineModel.from_pretrained(path, ctx=64, memory_limit=budget, prefetch_depth=1, io_mode="direct")
+        except MemoryBudgetError:
+            lo = budget
+            continue
+        if m.plan.streamed:
+            return m
+        m.close()
+        hi = budget
+    raise AssertionError(f"no budget between {lo} and {hi} bytes made a plan that streams")
 
 
 @pytest.mark.parametrize("kind", DECODER_KINDS)
@@ -90,10 +106,8 @@ def test_generation_resident_and_streamed(decoder_tiny, kind, tmp_path):
     resident = PipelineModel.from_pretrained(gguf, ctx=64)
     tokens = [r for r in resident.stream(prompt, max_tokens=12, temperature=0)][-1].token_ids
     assert tokens == expected
-    m = PipelineModel.from_pretrained(gguf, ctx=64, memory_limit=_streaming_budget(gguf), prefetch_depth=1,
-                                    io_mode="direct")
+    m = _load_streamed(gguf)
     try:
-        assert m.plan.streamed, "the budget should force streaming"
         assert [r for r in m.stream(prompt, max_tokens=12, temperature=0)][-1].token_ids == tokens
         assert torch.equal(m.logits(prompt + tokens), resident.logits(prompt + tokens))
     finally:
