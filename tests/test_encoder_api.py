@@ -17,10 +17,12 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a", "Ün
 
 
 def _load(path, memory_limit=None, **kw):
-    """The model, resident or (with memory_limit) with prefetch_depth 1: the tiny encoders have 3
-    layers, and a ring of prefetch_depth + 1 = 3 slots would hold as much as all of them."""
+    """The model, resident or (with memory_limit) with prefetch_depth 1 and O_DIRECT reads: the
+    tiny encoders have 3 layers, and a ring of 3 slots, or buffered reads' page cache of a group
+    being read, would hold as much as all of them."""
     if memory_limit is not None:
         kw.setdefault("prefetch_depth", 1)
+        kw.setdefault("io_mode", "direct")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny folders carry no pooling / preprocessing config
         return PipelineModel.from_pretrained(path, memory_limit=memory_limit, **kw)
@@ -35,8 +37,8 @@ def _budgets(path, monkeypatch) -> tuple[int, int]:
     monkeypatch.setattr("pipeload.runtime.memory.current_rss", lambda: 0)
     spec = open_model(path)
     ctx = spec.args.context_length
-    least = smallest_plan(spec, 0, ctx, 32, 1).predicted_peak
-    return least, (least + make_plan(spec, None, 0, ctx, 32, 1).predicted_peak) // 2
+    least = smallest_plan(spec, 0, ctx, 32, 1, buffered_reads=False).predicted_peak
+    return least, (least + make_plan(spec, None, 0, ctx, 32, 1, buffered_reads=False).predicted_peak) // 2
 
 
 def _images(folder, n=5, size=(40, 33)):

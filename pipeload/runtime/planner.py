@@ -370,10 +370,12 @@ def plan_budget(spec, budget: int | None, runtime_bytes: int, context: int | Non
     return plan
 
 
-def smallest_plan(spec, runtime_bytes: int, context: int, batch: int, prefetch_depth: int) -> Plan:
+def smallest_plan(spec, runtime_bytes: int, context: int, batch: int, prefetch_depth: int,
+                  buffered_reads: bool = True) -> Plan:
     """The plan with the smallest predicted peak (every layer group streamed, as little held as
     the architecture allows): the least memory_limit this model runs under."""
-    everything, candidates = _candidates(spec, None, runtime_bytes, context, batch, prefetch_depth)
+    everything, candidates = _candidates(spec, None, runtime_bytes, context, batch, prefetch_depth,
+                                         buffered_reads=buffered_reads)
     return min([everything, *candidates], key=lambda c: c.predicted_peak)
 
 
