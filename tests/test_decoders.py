@@ -5,6 +5,7 @@ window, generation resident and streamed; their bad input."""
 import pytest
 import torch
 
+from budget_helpers import load_streaming
 from decoder_models import DECODER_KINDS, SENTENCEPIECE_KINDS, WINDOW, gguf_without_key
 from pipeload.runtime.engine import load_engine
 from tiny_models import reference_logits
@@ -65,10 +66,8 @@ def _load_streamed(path):
     """PipelineModel under a memory budget between the all-resident plan's peak and the smallest
     plan, with O_DIRECT reads (buffered ones also hold a group's page cache while it is read,
     which for models this small costs more than streaming saves). The plan is made from the RSS
-    at load, which moves by a few MB between here and there in a long test session: the budget
-    is bisected over real loads, lowered when all-resident, raised when refused."""
+    at load (tests/budget_helpers.py)."""
     from pipeload import PipelineModel
-    from pipeload.errors import MemoryBudgetError
     from pipeload.runtime.memory import current_rss
     from pipeload.runtime.planner import _candidates
     from pipeload.runtime.spec import open_model
@@ -76,19 +75,8 @@ def _load_streamed(path):
     full, candidates = _candidates(open_model(path), None, current_rss(), 64, 1, 1, buffered_reads=False)
     lo, hi = min(c.predicted_peak for c in candidates if c.streamed), full.predicted_peak
     assert lo < hi - 2 * 2**20, "the test model is too small for a budget to stream it"
-    lo, hi = lo - 64 * 2**20, hi + 64 * 2**20  # the RSS at load may differ by this much
-    for _ in range(16):
-        budget = (lo + hi) // 2
-        try:
-            m = PipelineModel.from_pretrained(path, ctx=64, memory_limit=budget, prefetch_depth=1, io_mode="direct")
-        except MemoryBudgetError:
-            lo = budget
-            continue
-        if m.plan.streamed:
-            return m
-        m.close()
-        hi = budget
-    raise AssertionError(f"no budget between {lo} and {hi} bytes made a plan that streams")
+    return load_streaming(lambda budget: PipelineModel.from_pretrained(
+        path, ctx=64, memory_limit=budget, prefetch_depth=1, io_mode="direct"), lo - 64 * 2**20, hi + 64 * 2**20)
 
 
 @pytest.mark.parametrize("kind", DECODER_KINDS)
