@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeload.bench import trace_report
-from pipeload.cluster.trace import Tracer, TracedGroup, trace_blocks
+from pipeload.cluster.trace import Tracer, trace_blocks
 
 
 def _write(tmp_path, label, spans):
@@ -101,19 +101,54 @@ class _Group:
         return 2
 
 
-def test_traced_group_times_one_reduction_from_first_post_to_last_wait(monkeypatch, tmp_path):
-    from pipeload.cluster import trace
+def _gloo_pair():
+    """Two gloo process groups of one pair of ranks in this process (a store shared in memory)."""
+    import torch.distributed as dist
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import timedelta
+
+    store = dist.HashStore()
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda r: dist.ProcessGroupGloo(store, r, 2, timedelta(seconds=20)), range(2)))
+
+
+def test_all_reduce_with_receives_posted_early_sums_and_is_traced(monkeypatch, tmp_path):
+    """AllReduce.begin(numel, count): every exchange's receives are posted as soon as the one
+    before ended; the sums are those of the plain exchange, each all-reduce is one traced span,
+    and a call of another size than was posted for is refused, not summed wrongly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeload.cluster import shard
+    from pipeload.cluster.shard import AllReduce
 
     t = Tracer(str(tmp_path))
-    monkeypatch.setattr(trace, "TRACE", t)
-    g = TracedGroup(_Group())
-    works = [g.recv([None], 1, 0), g.send([None], 1, 0)]
-    assert g.size() == 2  # everything else passes through
-    works[0].wait()
-    assert t.events == []  # one work still open
-    works[1].wait()
-    (ev,) = t.events
-    assert ev[0] == "all-reduce" and ev[5] == {"seq": 0}
+    monkeypatch.setattr(shard, "TRACE", t)
+    groups = _gloo_pair()
+    xs = [[torch.randn(2, 8) for _ in range(3)] for _ in range(2)]
+
+    def rank(r):
+        red = AllReduce(groups[r])
+        red.begin(16, 3)
+        out = [red(x) for x in xs[r]]
+        assert red.posted is None and red.remaining == 0  # nothing left posted after the step
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(rank, range(2)))
+    for k in range(3):
+        want = xs[0][k] + xs[1][k]
+        assert torch.equal(outs[0][k], want) and torch.equal(outs[1][k], want)
+    assert [e[0] for e in t.events] == ["all-reduce"] * 6
+    assert sorted(e[5]["seq"] for e in t.events) == list(range(6))  # one tracer for both ranks here
+
+    def broken(r):
+        red = AllReduce(groups[r])
+        red.begin(16, 2)
+        with pytest.raises(RuntimeError, match="16 elements posted, 4 sent"):
+            red(torch.ones(4))
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(broken, range(2)))
 
 
 def test_trace_blocks_times_every_forward(monkeypatch, tmp_path):

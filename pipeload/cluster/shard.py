@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..runtime.sharding import ShardSpec, block_elems, tensor_parallel_plan
 from .placement import proportional_split
+from .trace import TRACE
 
 __all__ = ["AllReduce", "ShardBlock", "ShardSpec", "make_shards", "split_units"]
 
@@ -90,10 +91,42 @@ class AllReduce:
     EXCHANGE_BYTES = 256 * 1024  # up to this much sent per rank, exchange; above, the ring
 
     def __init__(self, group=None):
-        self.group = group
+        self._group = group
         self.calls = 0
         self.bytes = 0  # payload handed to all-reduce (what goes on the wire is about 2(N-1)/N of it)
         self.seconds = 0.0  # spent in all-reduces (waiting for the other ranks included)
+        self.posted = None  # (numel, parts, works): the next all-reduce's receives, posted early
+        self.remaining = 0  # all-reduces left in the current step (see begin)
+
+    @property
+    def group(self):
+        return self._group
+
+    @group.setter
+    def group(self, group) -> None:  # a new (or no) group: receives posted on the old one are gone
+        self._group, self.posted, self.remaining = group, None, 0
+
+    def begin(self, numel: int, count: int) -> None:
+        """Say that the next `count` all-reduces (every rank makes the same calls) are of `numel`
+        elements, as a step's are: each one's receives are then posted as soon as the one before
+        it ended, before this rank computes its part. gloo's TCP loop thread polls a socket
+        whose data has arrived for a receive not yet posted, on this rank's core, for as long as
+        this rank computes (measured: 0.9 million epoll_wait calls a second, 40% of the core,
+        compute per rank 0.8 of the whole model's instead of 0.5)."""
+        g = self.group
+        self.remaining = 0
+        if g is None or g.size() == 1 or count <= 0 or numel * 4 * (g.size() - 1) > self.EXCHANGE_BYTES:
+            return
+        self.remaining = count
+        if self.posted is None:
+            self._post(numel)
+
+    def _post(self, numel: int) -> None:
+        g = self.group
+        n, me = g.size(), g.rank()
+        parts = [None if r == me else torch.empty(numel) for r in range(n)]
+        works = [g.recv([parts[r]], r, 0) for r in range(n) if r != me]
+        self.posted = (numel, parts, works)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         g = self.group
@@ -103,19 +136,34 @@ class AllReduce:
         y = x.float().contiguous()
         n, me = g.size(), g.rank()
         if y.numel() * 4 * (n - 1) <= self.EXCHANGE_BYTES:
-            parts = [y if r == me else torch.empty_like(y) for r in range(n)]
-            works = [g.recv([parts[r]], r, 0) for r in range(n) if r != me]
-            works += [g.send([y], r, 0) for r in range(n) if r != me]
+            if self.posted is not None:
+                numel, parts, works = self.posted
+                self.posted = None
+                if numel != y.numel():  # a step broken off between two all-reduces left receives posted
+                    raise RuntimeError(f"gloo exchange: receives of {numel} elements posted, {y.numel()} sent")
+                parts = [y.view(-1) if r == me else p for r, p in enumerate(parts)]
+            else:
+                parts = [y.view(-1) if r == me else torch.empty(y.numel()) for r in range(n)]
+                works = [g.recv([parts[r]], r, 0) for r in range(n) if r != me]
+            works = list(works) + [g.send([y], r, 0) for r in range(n) if r != me]
             for w in works:
                 w.wait()
-            y = parts[0].clone()
+            out = parts[0].clone()
             for p in parts[1:]:
-                y += p
+                out += p
+            y = out.view(y.shape)
+            if self.remaining > 0:
+                self.remaining -= 1
+                if self.remaining > 0:
+                    self._post(y.numel())
         else:
             g.allreduce([y]).wait()
         self.calls += 1
         self.bytes += y.numel() * 4
-        self.seconds += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.seconds += t1 - t0
+        if TRACE.enabled:  # from this rank's entry until it has the sum
+            TRACE.add("all-reduce", "allreduce", t0, t1, seq=TRACE.next_seq("all-reduce"))
         return y.to(x.dtype)
 
 

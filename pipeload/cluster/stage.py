@@ -167,6 +167,8 @@ class StageModel:
         ex = self.executor
         rows = None if spans is None else [RowSpan(int(s), int(n)) for s, n in spans.tolist()]
         h = ex.model.embed(first, positions) if m.flags & P.IS_TOKENS else first
+        if a.shard is not None:  # two all-reduces of h per layer (ShardBlock): receives posted early
+            self.reduce.begin(h.shape[0] * h.shape[1] * self.args.dim, 2 * (a.stop - a.start))
         h = ex.forward_layers(h, positions, cache, a.start, a.stop, rows)
         if not a.head:
             flags = m.flags & ~P.IS_TOKENS

@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["TRACE", "Tracer", "TracedGroup", "trace_blocks"]
+__all__ = ["TRACE", "Tracer", "trace_blocks"]
 
 MAX_EVENTS = 2_000_000  # a long run stops recording instead of growing without bound
 
@@ -76,62 +76,6 @@ class Tracer:
 
 
 TRACE = Tracer(os.environ.get("PIPELOAD_TRACE"))
-
-
-class _TracedWork:
-    def __init__(self, work, op: "_ReduceOp"):
-        self.work, self.op = work, op
-
-    def wait(self):
-        out = self.work.wait()
-        self.op.done()
-        return out
-
-    def is_completed(self):
-        return self.work.is_completed()
-
-
-class _ReduceOp:
-    """The works of one all-reduce: it starts with the first posted work and ends when the last
-    one has been waited for."""
-
-    def __init__(self, group: "TracedGroup", t0: float):
-        self.group, self.t0, self.open = group, t0, 0
-
-    def done(self) -> None:
-        self.open -= 1
-        if self.open == 0:
-            g = self.group
-            g.current = None
-            TRACE.add("all-reduce", "allreduce", self.t0, time.perf_counter(), seq=TRACE.next_seq("all-reduce"))
-
-
-class TracedGroup:
-    """A process group whose send/recv/allreduce works are timed as all-reduces (what
-    shard.AllReduce posts for one reduction: its spans start when the first work is posted and end
-    when the last completes); everything else passes through."""
-
-    def __init__(self, group):
-        self.group = group
-        self.current: _ReduceOp | None = None
-
-    def __getattr__(self, name):
-        return getattr(self.group, name)
-
-    def _wrap(self, work):
-        if self.current is None:
-            self.current = _ReduceOp(self, time.perf_counter())
-        self.current.open += 1
-        return _TracedWork(work, self.current)
-
-    def send(self, *a, **k):
-        return self._wrap(self.group.send(*a, **k))
-
-    def recv(self, *a, **k):
-        return self._wrap(self.group.recv(*a, **k))
-
-    def allreduce(self, *a, **k):
-        return self._wrap(self.group.allreduce(*a, **k))
 
 
 def trace_blocks(blocks: dict, model=None) -> None:

@@ -30,7 +30,7 @@ from . import protocol as P
 from .rendezvous import (ClusterError, check_hello, fingerprint, get_json, hello, join_store, parse_address,
                          set_json, wait_key)
 from .stage import Assignment, StageModel
-from .trace import TRACE, TracedGroup, trace_blocks
+from .trace import TRACE, trace_blocks
 
 HEARTBEAT = 0.2
 
@@ -194,7 +194,7 @@ class Worker:
                 tp = plan["tp_ranks"]
                 group = dist.ProcessGroupGloo(dist.PrefixStore(f"tp/{epoch}/", self.store), tp.index(self.rank),
                                               len(tp), timedelta(seconds=self.timeout))
-                self.stage.reduce.group = TracedGroup(group) if TRACE.enabled else group
+                self.stage.reduce.group = group  # its all-reduces are traced by AllReduce itself
                 started["allreduce_seconds"] = self._time_allreduce()
                 started["tp_layer_seconds"] = self.stage.time_shard_step()
             self.epoch = epoch
