@@ -61,34 +61,10 @@ def encoders(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="session")
-def moe_tiny(tmp_path_factory):
-    """Lazily built tiny MoE models: moe_tiny(kind) -> (transformers model, HF folder, GGUF path
-    written by llama.cpp's converter). Skips when all-MiniLM-L6-v2 (whose tokenizer the
+def _converted_lazily(tmp_path_factory, build):
+    """get(kind) -> (transformers model, HF folder, GGUF path written by llama.cpp's converter),
+    each kind built once by build(kind, folder). Skips when all-MiniLM-L6-v2 (whose tokenizer the
     converter needs) is not in the models folder."""
-    from encoder_models import llama_cpp_convert
-    from moe_models import MINILM, build_moe_model
-
-    built = {}
-
-    def get(kind: str):
-        if not (MINILM / "tokenizer.json").is_file():
-            pytest.skip(f"{MINILM} is missing (../shared/models/fetch.sh fetches it): the converter needs its tokenizer")
-        if kind not in built:
-            root = tmp_path_factory.mktemp(kind)
-            model = build_moe_model(kind, root / "hf")
-            built[kind] = (model, root / "hf", llama_cpp_convert(root / "hf", root / "model.gguf"))
-        return built[kind]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def decoder_tiny(tmp_path_factory):
-    """Lazily built tiny decoders (Qwen3, Gemma 2, Gemma 3): decoder_tiny(kind) -> (transformers
-    model, HF folder, GGUF path written by llama.cpp's converter). Skips when all-MiniLM-L6-v2
-    (whose tokenizer the converter needs for Qwen3 and Gemma 3) is not in the models folder."""
-    from decoder_models import build_decoder
     from encoder_models import llama_cpp_convert
     from moe_models import MINILM
 
@@ -99,11 +75,28 @@ def decoder_tiny(tmp_path_factory):
             pytest.skip(f"{MINILM} is missing (../shared/models/fetch.sh fetches it): the converter needs its tokenizer")
         if kind not in built:
             root = tmp_path_factory.mktemp(kind)
-            model = build_decoder(kind, root / "hf")
+            model = build(kind, root / "hf")
             built[kind] = (model, root / "hf", llama_cpp_convert(root / "hf", root / "model.gguf"))
         return built[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def moe_tiny(tmp_path_factory):
+    """Lazily built tiny MoE models: moe_tiny(kind) -> (transformers model, HF folder, GGUF)."""
+    from moe_models import build_moe_model
+
+    return _converted_lazily(tmp_path_factory, build_moe_model)
+
+
+@pytest.fixture(scope="session")
+def decoder_tiny(tmp_path_factory):
+    """Lazily built tiny decoders (Qwen3, Gemma 2, Gemma 3, Phi-3): decoder_tiny(kind) ->
+    (transformers model, HF folder, GGUF)."""
+    from decoder_models import build_decoder
+
+    return _converted_lazily(tmp_path_factory, build_decoder)
 
 
 REAL_MODELS = Path(os.environ.get("PIPELOAD_MODELS") or Path.home() / ".cache" / "pipeload" / "models")

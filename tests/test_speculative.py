@@ -14,7 +14,8 @@ from pipeload.runtime.planner import make_plan
 from pipeload.runtime.sampling import Sampler, SamplingParams
 from pipeload.runtime.speculative import ModelDraft, PromptLookup
 from pipeload.runtime.spec import open_model
-from budget_helpers import load_streaming
+
+from budget_helpers import load_streaming  # tests/, on pytest's path
 
 # repeats, so that prompt lookup finds matches, and plain code, so that the draft model agrees often
 PROMPT = "def add(a, b):\n    return a + b\n\ndef add3(a, b, c):\n    return a + b + c\n\ndef add4(a, b, c, d):\n"
