@@ -51,8 +51,12 @@ def compare(path: Path) -> dict:
                     if r.token is not None]
             differ = next((i for i, (a, b) in enumerate(zip(ours, chat["greedy"])) if a != b), None)
             margins = [min(a, b) for a, b in zip(chat["top2_margin"], chat["top2_margin_one_pass"])]
-            chats.append("equal" if differ is None and len(ours) == len(chat["greedy"]) else
-                         f"differ at {differ} (llama.cpp margin {min(margins[:differ + 1]):.3f})")
+            if differ is not None:
+                chats.append(f"differ at {differ} (llama.cpp margin {min(margins[:differ + 1]):.3f})")
+            elif len(ours) != len(chat["greedy"]):  # one engine ended the answer (EOS) before the other
+                chats.append(f"equal, but {len(ours)} tokens where llama.cpp has {len(chat['greedy'])}")
+            else:
+                chats.append("equal")
     finally:
         model.close()
     return {"model": path.name, "pieces": f"{pieces}/{len(theirs['tokenization'])}", "agreement": agreement,
