@@ -183,6 +183,25 @@ def test_bad_weights_and_inputs_are_refused_with_the_tensor_named():
 
 
 @needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paired_products_give_each_weight_its_row_s_lone_bits(dtype):
+    """linear_paired (a decode step's routed experts in one call): weight i times row i % M
+    has the bits of that row alone, across the calls of 16 weights (19 weights over 5 rows:
+    the second call starts mid-cycle) and for block and float types."""
+    k, n, m = 512, 40, 5
+    x = torch.randn(m, k).to(dtype)
+    types = [T.Q4_K, T.Q6_K, T.Q8_0, T.Q4_0, T.F16]
+    ws = [ops.GGMLWeight(types[i % len(types)], (n, k), random_blocks(types[i % len(types)], n, k, seed=i),
+                         name=f"expert{i}") for i in range(19)]
+    y = ops.linear_paired(x, ws)
+    assert y.shape == (19, n) and y.dtype == dtype
+    for i, w in enumerate(ws):
+        assert torch.equal(y[i:i + 1], ops.linear(x[i % m:i % m + 1], w)), i
+    with pytest.raises(ValueError, match="rows cannot share one output"):
+        ops.linear_paired(x, [ws[0], ops.GGMLWeight(T.Q8_0, (32, k), random_blocks(T.Q8_0, 32, k))])
+
+
+@needs_c
 def test_kernel_entries_check_their_arguments():
     blocks = random_blocks(T.Q8_0, 4, 64)
     x, y = torch.randn(1, 64), torch.empty(1, 4)
@@ -197,6 +216,8 @@ def test_kernel_entries_check_their_arguments():
     assert call(k=48) == kernels.PL_EARG  # not whole blocks
     assert call(w=0) == kernels.PL_EARG and call(yp=0) == kernels.PL_EARG
     assert call(ldy=3) == kernels.PL_EARG
+    desc = (ctypes.c_int64 * 6)(int(T.Q8_0), blocks.data_ptr(), blocks.stride(0), 4, y.data_ptr(), 4)
+    assert LIB.pl_linear(desc, 1, x.data_ptr(), 0, 64, 1, 64, 0, 1, 3) == kernels.PL_EARG  # no method 3
     out = torch.empty(64)
     assert LIB.pl_dequantize(int(T.F16), blocks.data_ptr() + 1, 128, 1, 64, out.data_ptr(), 0, 64, 1) == kernels.PL_EARG
     assert LIB.pl_dequantize(int(T.F16), blocks.data_ptr(), 128, 1, 64, out.data_ptr(), 0, 64, 1) == 0
@@ -223,6 +244,7 @@ def test_the_portable_path_when_kernels_are_disabled():
             for y in (ops.linear(x, w), ops.linear_many(x, [w, w])[1]):
                 assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5, q.name
             assert torch.equal(ops.linear(x[1:2], w), ops.linear(x, w)[1:2])
+            assert torch.equal(ops.linear_paired(x, [w, w])[1:2], ops.linear(x[1:2], w))
         print("ok")
     """, PIPELOAD_NO_C_KERNELS="1")
     assert done.returncode == 0, done.stderr

@@ -57,11 +57,12 @@ MIXTURE_OF_EXPERTS = True  # blocks built by runtime/moe_blocks.py
 class ExpertSource(Protocol):
     """Where a block's routed experts come from."""
 
-    def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator[tuple[int, ExpertWeights]]:
-        """(expert, its weights) for each of `experts` (distinct, ascending), yielded in any
-        order (a streaming source yields them as their reads complete). `hidden` (N, D) is the
-        residual stream entering this layer's feed-forward: a source may apply the next layer's
-        router to it to guess and start reading that layer's experts."""
+    def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        """(expert, its weights) for each of `experts` (distinct, ascending), in groups of
+        experts ready together, in any order (a streaming source yields what it holds, then
+        the rest as their reads complete). `hidden` (N, D) is the residual stream entering this
+        layer's feed-forward: a source may apply the next layer's router to it to guess and
+        start reading that layer's experts."""
         ...
 
 
@@ -71,9 +72,8 @@ class HeldExperts:
     def __init__(self, experts: list[ExpertWeights]):
         self.experts = experts
 
-    def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator[tuple[int, ExpertWeights]]:
-        for e in experts:
-            yield e, self.experts[e]
+    def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        yield [(e, self.experts[e]) for e in experts]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,28 @@ def router_logits(router: Linear, x: torch.Tensor) -> torch.Tensor:
     return ops.linear(x.float(), router.weight)
 
 
+_VECTOR = 64          # values torch's vectorized elementwise loops take at a time (2 x 32 bfloat16)
+_GRAIN = 32768        # values above which torch splits an elementwise op between threads
+
+
+def swiglu_rows(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u of (n, F) rows, each row's bits independent of the rows computed with it.
+
+    torch's elementwise loops run whole vectors, and the last numel % 64 values of a tensor (or
+    of a thread's share) through a scalar path that rounds differently: a row that does not start
+    on a vector boundary could get other bits in another batch or read group. So rows go in
+    chunks that keep every row on boundaries and under the threading grain, one at a time when F
+    is not whole vectors."""
+    n, f = g.shape
+    if f % _VECTOR:
+        step = 1
+    else:
+        step = max(1, _GRAIN // f)
+    if n <= step:
+        return F.silu(g) * u
+    return torch.cat([F.silu(g[i:i + step]) * u[i:i + step] for i in range(0, n, step)])
+
+
 class SparseMoE(nn.Module):
     """The routed experts (and the optional shared expert) of one layer over its normed input.
 
@@ -127,12 +149,25 @@ class SparseMoE(nn.Module):
         xf = x.reshape(-1, D)                                                    # (N, D)
         weights, chosen = route(router_logits(self.parts["router"], xf), self.cfg.top_k, self.cfg.norm_topk)  # (N, k)
         weights = weights.to(x.dtype)
-        picked = x.new_zeros(xf.shape[0], self.cfg.top_k, D)                    # (N, k, D): one place per (token, rank)
-        needed = torch.unique(chosen).tolist()                                   # the union over the step's tokens
-        for e, (gate, up, down) in self.experts.fetch(self.layer, needed, residual.reshape(-1, D)):
-            rows, ranks = (chosen == e).nonzero(as_tuple=True)                  # tokens routed to e, at which rank
-            g, u = ops.linear_many(xf[rows], [gate, up])                         # (n, F) each
-            picked[rows, ranks] = ops.linear(F.silu(g) * u, down)                # (n, D)
+        routed: dict[int, list[tuple[int, int]]] = {}                           # expert -> its (token, rank)s
+        for t, row in enumerate(chosen.tolist()):
+            for r, e in enumerate(row):
+                routed.setdefault(e, []).append((t, r))
+        picked = x.new_zeros(xf.shape[0] * self.cfg.top_k, D)                   # one place per (token, rank)
+        for group in self.experts.fetch(self.layer, sorted(routed), residual.reshape(-1, D)):
+            lone = [(e, w) for e, w in group if len(routed[e]) == 1]
+            if lone:  # experts one row uses (all of them in a decode step): one kernel call for the lot
+                places = [t * self.cfg.top_k + r for e, _ in lone for t, r in routed[e]]
+                rows = xf[[routed[e][0][0] for e, _ in lone]]                    # (P, D)
+                gu = ops.linear_paired(rows, [w[0] for _, w in lone] + [w[1] for _, w in lone])  # (2P, F)
+                h = swiglu_rows(gu[:len(lone)], gu[len(lone):])                  # (P, F)
+                picked[places] = ops.linear_paired(h, [w[2] for _, w in lone])   # (P, D)
+            for e, (gate, up, down) in group:  # experts several rows use: each weight read once for them
+                if len(routed[e]) > 1:
+                    tokens = [t for t, _ in routed[e]]
+                    g, u = ops.linear_many(xf[tokens], [gate, up])               # (n, F) each
+                    picked[[t * self.cfg.top_k + r for t, r in routed[e]]] = ops.linear(swiglu_rows(g, u), down)
+        picked = picked.view(-1, self.cfg.top_k, D)                              # (N, k, D)
         out = weights[:, 0, None] * picked[:, 0]                                 # (N, D), summed in rank order
         for r in range(1, self.cfg.top_k):
             out = out + weights[:, r, None] * picked[:, r]

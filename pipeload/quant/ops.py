@@ -48,6 +48,7 @@ FLOAT_TILE_ROWS = 256    # float weight rows converted at a time for a prompt's 
 GEMM_ROWS = 8            # from this many rows, block types run through the kernels' GEMM (same bits)
 MIN_PARALLEL_BYTES = 1 << 18  # smaller products run on the calling thread: waking another costs more
 _DESC = 6                # int64 fields per weight in a pl_linear call (quant/kernels/api.c)
+MAX_WEIGHTS = 16         # weights per pl_linear call (quant/kernels/api.c)
 
 
 @dataclass
@@ -273,12 +274,50 @@ def linear_many(x: torch.Tensor, ws: list[GGMLWeight]) -> list[torch.Tensor]:
     m = x.shape[0]
     if m > EXACT_ROWS and any(_is_float(w) for w in ws):
         return [linear_many(x, [w])[0] if not _is_float(w) else _counted_float_prompt(lib, x, w) for w in ws]
-    if len(ws) > 16:
-        return [y for i in range(0, len(ws), 16) for y in linear_many(x, ws[i:i + 16])]
+    if len(ws) > MAX_WEIGHTS:
+        return [y for i in range(0, len(ws), MAX_WEIGHTS) for y in linear_many(x, ws[i:i + MAX_WEIGHTS])]
     gemm = m >= GEMM_ROWS and bool(lib.pl_gemm_available())
     for w in ws:
         _count("gemm" if gemm and not _is_float(w) else "decode", [w])
     return _kernel_linear(lib, x, ws, 1 if m >= GEMM_ROWS else 0)
+
+
+def linear_paired(x: torch.Tensor, ws: list[GGMLWeight]) -> torch.Tensor:
+    """Weight i times row i % M of x (M, K): (len(ws), N), all ws of N rows, in x's dtype.
+
+    The routed experts of a decode step: each expert multiplies the one row routed to it, and
+    one kernel call (one activation quantization, one thread-pool job) serves them all, where a
+    loop would pay a call per expert. Row i has the bits of `linear(x[i % M:i % M + 1], ws[i])`."""
+    m = x.shape[0]
+    n = ws[0].shape[0]
+    for w in ws:
+        _check_input(x, w)
+        if w.shape[0] != n:
+            raise ValueError(f"linear_paired: weights of {w.shape[0]} and {n} rows cannot share one output")
+    lib = kernels.library()
+    if lib is None or not all(_compiled(lib, w.qtype) for w in ws):
+        _count("portable", ws)
+        return torch.cat([_portable_linear(x[i % m:i % m + 1], w) for i, w in enumerate(ws)])
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(1) != 1:
+        x = x.to(torch.float32).contiguous() if x.dtype not in (torch.float32, torch.bfloat16) else x.contiguous()
+    y = torch.empty(len(ws), n, dtype=x.dtype)
+    _count("decode", ws)
+    bf16 = int(x.dtype == torch.bfloat16)
+    for c0 in range(0, len(ws), MAX_WEIGHTS):
+        chunk = ws[c0:c0 + MAX_WEIGHTS]
+        # the kernel pairs weight i of a call with row i % M: rotate x so weight c0 + i meets row (c0 + i) % M
+        rows = x if c0 % m == 0 else torch.roll(x, -(c0 % m), 0)
+        desc = (ctypes.c_int64 * (_DESC * len(chunk)))()
+        nbytes = 0
+        for i, w in enumerate(chunk):
+            b = w.blocks
+            desc[_DESC * i:_DESC * i + _DESC] = [int(w.qtype), b.data_ptr(), b.stride(0), n, y[c0 + i].data_ptr(), n]
+            nbytes += b.numel()
+        code = lib.pl_linear(desc, len(chunk), rows.data_ptr(), bf16, rows.stride(0), m, x.shape[1], bf16,
+                             _threads(nbytes), 2)
+        if code:
+            _raise(code, "linear_paired on " + ", ".join(repr(w.name or str(w.shape)) for w in chunk))
+    return y
 
 
 def _counted_float_prompt(lib, x: torch.Tensor, w: GGMLWeight) -> torch.Tensor:

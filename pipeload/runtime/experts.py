@@ -9,8 +9,8 @@ experts its router picked for the step's tokens (the union over the batch: each 
 - An expert is three byte ranges of the stored tensors (weights/experts.py: rows of the stacked
   GGUF tensors), read into one slot of a pool of page-aligned slots (O_DIRECT, or buffered reads
   dropped from the page cache: the budget holds everything the process is charged for).
-- Hits come out first; misses are read by several threads at once and handed to the block as
-  each completes, so compute on one expert overlaps the reads of the others.
+- Hits come out first, as one group; misses are read by several threads at once and handed to
+  the block as they complete, so compute on some experts overlaps the reads of the others.
 - Before computing, the next layer's router (with its feed-forward norm) is applied to this
   layer's hidden state: its top experts are a guess of what the next layer will pick, and their
   reads start now, behind this layer's misses. How often the guess is right is counted.
@@ -60,7 +60,11 @@ class ExpertGeometry:
 
     def expert_bytes(self, layer: int, e: int) -> int:
         """File bytes of one expert (what routing it costs; reads add at most 8 KiB of alignment)."""
-        return sum(p.nbytes for p in self.pieces[layer][e].values())
+        sizes = self.__dict__.get("_sizes")
+        if sizes is None:  # asked for every routed expert of every step: computed once
+            sizes = self.__dict__["_sizes"] = {(i, x): sum(p.nbytes for p in parts.values())
+                                               for i, layer in self.pieces.items() for x, parts in enumerate(layer)}
+        return sizes[(layer, e)]
 
     def read_bytes(self, layer: int, e: int) -> int:
         """Bytes actually read for one expert (its aligned spans)."""
@@ -296,7 +300,8 @@ class ExpertCache:
         norm, router = self.guides[nxt]
         weights, chosen = route(router_logits(router, norm(hidden)), self.top_k, False)  # (N, k)
         score = torch.zeros(self.spec.args.n_experts).index_add_(0, chosen.reshape(-1), weights.reshape(-1))
-        picked = [e for e in torch.argsort(score, descending=True, stable=True).tolist() if score[e] > 0][:limit]
+        scores = score.tolist()
+        picked = [e for e in torch.argsort(score, descending=True, stable=True).tolist() if scores[e] > 0][:limit]
         self.guesses.setdefault(nxt, set()).update(picked)  # several calls per layer in a step add up
         for e in picked:
             entry = self.entries.get((nxt, e))
@@ -307,9 +312,9 @@ class ExpertCache:
 
     # -- ExpertSource ---------------------------------------------------------------------------
 
-    def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator[tuple[int, ExpertWeights]]:
-        """Each of `experts` of `layer` with its weights, cached ones first, the rest as their
-        reads complete (see the module docstring); re-raises read errors."""
+    def fetch(self, layer: int, experts: list[int], hidden: torch.Tensor) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        """Each of `experts` of `layer` with its weights, in groups: the cached ones first, the
+        rest as their reads complete (see the module docstring); re-raises read errors."""
         st = self.stats
         guessed = self.guesses.pop(layer, set())
         if guessed:
@@ -367,14 +372,16 @@ class ExpertCache:
                         if entry.future is fut:  # a guess read another use of this layer already finished
                             self._finish(layer, e, entry)
                         ready.append(e)
-                e = ready.pop(0)
-                entry = self.entries[(layer, e)]
-                if entry.future is not None:
-                    self._finish(layer, e, entry)
+                group, ready = ready, []
+                entries = [self.entries[(layer, e)] for e in group]
                 try:
-                    yield e, entry.weights
+                    for e, entry in zip(group, entries):
+                        if entry.future is not None:
+                            self._finish(layer, e, entry)
+                    yield [(e, entry.weights) for e, entry in zip(group, entries)]
                 finally:
-                    entry.pins -= 1
+                    for entry in entries:
+                        entry.pins -= 1
         finally:
             for fut, e in reading.items():  # the consumer stopped early: let the reads land, keep them
                 entry = self.entries[(layer, e)]

@@ -84,6 +84,7 @@ typedef struct {
     void *y;
     int64_t ldy;
     int64_t unit0;  /* first work unit of this weight */
+    int64_t r0, rm; /* the activation rows it multiplies: [r0, r0 + rm) (output row t is row r0 + t) */
 } weight_job;
 
 typedef struct {
@@ -130,21 +131,22 @@ static void linear_task(const void *p, int64_t u0, int64_t u1) {
         if (wj->type->rows4) {  /* four weight rows at a time, tiles of TILE_ROWS activation rows */
             float out[4 * TILE_ROWS];
             for (; n + 4 <= n1; n += 4)
-                for (int64_t r = 0; r < j->m; r += TILE_ROWS) {
-                    int R = tile_rows(j->m, r);
+                for (int64_t r = wj->r0; r < wj->r0 + wj->rm; r += TILE_ROWS) {
+                    int R = tile_rows(wj->r0 + wj->rm, r);
                     wj->type->rows4(wj->w + n * wj->stride, wj->stride, j->k, act, r, R, out);
                     for (int t = 0; t < R; t++)
-                        for (int i = 0; i < 4; i++) store(wj->y, j->y_bf16, (r + t) * wj->ldy + n + i, out[4 * t + i]);
+                        for (int i = 0; i < 4; i++)
+                            store(wj->y, j->y_bf16, (r - wj->r0 + t) * wj->ldy + n + i, out[4 * t + i]);
                 }
         }
         for (; n < n1; n++) {
             const uint8_t *row = wj->w + n * wj->stride;
             if (prefetch) prefetch_row(row + PREFETCH_ROWS * wj->stride, wj->stride);
-            for (int64_t r = 0; r < j->m; r += TILE_ROWS) {
-                int R = tile_rows(j->m, r);
+            for (int64_t r = wj->r0; r < wj->r0 + wj->rm; r += TILE_ROWS) {
+                int R = tile_rows(wj->r0 + wj->rm, r);
                 float out[TILE_ROWS];
                 wj->type->dot(row, j->k, act, r, R, out);
-                for (int t = 0; t < R; t++) store(wj->y, j->y_bf16, (r + t) * wj->ldy + n, out[t]);
+                for (int t = 0; t < R; t++) store(wj->y, j->y_bf16, (r - wj->r0 + t) * wj->ldy + n, out[t]);
             }
         }
     }
@@ -170,10 +172,13 @@ static void block_sums(const pl_act *a, int offset, int32_t *xs) {
 
 /* desc: nw weights of DESC_LEN int64 each (see above); x: m rows of k float32 (x_bf16 = 0) or
  * bfloat16 values, row stride ldx; outputs float32 or bfloat16 (y_bf16). method 1 runs block
- * types through the GEMM (gemm.c) where this build has one: the same bits, faster for many rows. */
+ * types through the GEMM (gemm.c) where this build has one: the same bits, faster for many rows.
+ * method 2 pairs weights with rows: weight i multiplies activation row i % m only, into its
+ * output's row 0 (the routed experts of a decode step, one row each: one call for all of them). */
 int pl_linear(const int64_t *desc, int nw, const void *x, int x_bf16, int64_t ldx, int64_t m, int64_t k, int y_bf16,
               int nthreads, int method) {
-    if (!desc || !x || nw < 1 || nw > MAX_WEIGHTS || m < 1 || k < 1 || k > PL_MAX_K || ldx < k) return PL_EARG;
+    if (!desc || !x || nw < 1 || nw > MAX_WEIGHTS || m < 1 || k < 1 || k > PL_MAX_K || ldx < k || method < 0 || method > 2)
+        return PL_EARG;
     static linear_job zero;
     linear_job j = zero;
     j.nw = nw;
@@ -189,7 +194,8 @@ int pl_linear(const int64_t *desc, int nw, const void *x, int x_bf16, int64_t ld
         int64_t n = d[3], ldy = d[5];
         if (k % t->block || !d[1] || !d[4] || n < 1 || ldy < n || d[2] < k / t->block * t->type_size) return PL_EARG;
         if (t->block == 1 && (d[1] % t->type_size || d[2] % t->type_size)) return PL_EARG;  /* float rows aligned */
-        j.wj[i] = (weight_job){t, (const uint8_t *)(intptr_t)d[1], d[2], n, (void *)(intptr_t)d[4], ldy, units};
+        int64_t r0 = method == 2 ? i % m : 0, rm = method == 2 ? 1 : m;
+        j.wj[i] = (weight_job){t, (const uint8_t *)(intptr_t)d[1], d[2], n, (void *)(intptr_t)d[4], ldy, units, r0, rm};
         units += (n + UNIT_ROWS - 1) / UNIT_ROWS;
         need[t->act] = 1;
     }
