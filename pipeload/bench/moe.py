@@ -8,8 +8,10 @@ the model file's pages are dropped from the page cache before each (posix_fadvis
 starts warm. Printed per run: decode tokens/s, bytes read from the disk per decoded token
 (/proc/self/io: everything the process made the disk read, the page faults of llama.cpp's map
 included), the bytes of the experts the tokens routed to (pipeload's counters), the expert cache's
-hit rate and its guesses' recall, and the bound from the bytes pipeload actually read:
-disk bandwidth (measured in the run) / bytes read per token.
+hit rate and its guesses' recall, and two physical bounds, each measured in the run: from the
+bytes pipeload actually read (disk bandwidth / expert bytes read per token) and from the bytes a
+token computes with (memory read bandwidth / dense and routed weight bytes per token: each must
+come from memory once). Decode cannot beat the tighter of the two.
 
 Random routing is the worst case for an expert cache (no expert is more popular than another);
 `--skew` adds runs with routers skewed as real ones are (bench/synth_moe.py).
@@ -40,9 +42,13 @@ def disk_read():
 
 path, budget, tokens, policy, guess = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
 temperature = float(sys.argv[6])
+mem_bw = __import__("pipeload.quant.kernels", fromlist=["x"]).read_bandwidth(min(256 << 20, budget // 4))  # before the model fills the cgroup
 m = PipelineModel.from_pretrained(path, memory_limit=budget, ctx=256, expert_policy=policy)
-m.engine.expert_cache.guess = guess
 cache = m.engine.expert_cache
+if cache is None:
+    sys.exit(f"{path}: the whole model fits in a budget of {budget} bytes, so no expert streams: "
+             "give a smaller --limit/--budget or more --layers")
+cache.guess = guess
 prompt = [(13 * i) % 4000 + 3 for i in range(16)]
 t_first = None
 for r in m.stream(prompt, max_tokens=tokens + 1, ignore_eos=True, temperature=temperature, seed=1):
@@ -62,7 +68,9 @@ print(json.dumps({
     "guess_recall": d["guessed_right"] / d["routed_after_guess"] if d["routed_after_guess"] else None,
     "guess_precision": d["guessed_right"] / d["guessed"] if d["guessed"] else None,
     "wait_s_per_token": d["wait_seconds"] / tokens, "disk_bw": disk, "peak_rss": peak_rss(),
-    "expert_slots": m.plan.expert_slots, "expert_total": m.plan.expert_total,
+    "expert_slots": m.plan.expert_slots, "expert_total": m.plan.expert_total, "mem_bw": mem_bw,
+    # every weight byte a token computes with: the dense part of each layer and the head, and its routed experts
+    "computed_per_token": sum(m.plan.group_bytes.values()) - m.plan.resident_expert_bytes + d["routed_bytes"] / tokens,
     "plan_bound_read_per_token": m.plan.read_bytes_per_pass
 }))
 """
@@ -109,7 +117,8 @@ def model_path(args, skew: float) -> Path:
     from .synth_moe import MOE_SHAPES, file_bytes, write_moe_gguf
 
     shape = MOE_SHAPES[args.shape] if args.layers is None else replace(MOE_SHAPES[args.shape], n_layers=args.layers)
-    name = f"moe-{args.shape}-{shape.n_layers}l-{args.mix}" + (f"-skew{skew:g}" if skew else "") + ".gguf"
+    # "moe2": the weights of synth_moe's token-led residual stream (files written before routed alike for every token)
+    name = f"moe2-{args.shape}-{shape.n_layers}l-{args.mix}" + (f"-skew{skew:g}" if skew else "") + ".gguf"
     path = Path(args.cache) / name
     if not path.exists():
         print(f"writing {path} ({file_bytes(shape, args.mix) / GB:.2f} GB) ...", flush=True)
@@ -169,20 +178,29 @@ def run(args: argparse.Namespace) -> int:
                 results[name].append(r)
                 print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in r.items() if k != "stderr"), flush=True)
+                if "error" in r:
+                    print("    " + r["stderr"].strip().replace("\n", "\n    "), flush=True)
         for name, runs in results.items():
             ok = [r for r in runs if "error" not in r]
             med = {k: median([r[k] for r in ok if r.get(k) is not None]) for k in (ok[0] if ok else {})
                    if isinstance(ok[0][k], (int, float))} if ok else {}
             bound = med["disk_bw"] / med["expert_read_per_token"] if med.get("expert_read_per_token") else None
-            data["runs"].append({"skew": skew, "contender": name, "runs": runs, "median": med, "read_bound": bound})
+            # the bytes a token computes with must come from memory once: the other physical bound
+            memory = med["mem_bw"] / med["computed_per_token"] if med.get("computed_per_token") else None
+            tighter = min(b for b in (bound, memory) if b) if (bound or memory) else None
+            data["runs"].append({"skew": skew, "contender": name, "runs": runs, "median": med, "read_bound": bound,
+                                 "memory_bound": memory})
             rows.append([f"{skew:g}", name, med.get("tokens_per_s", "failed"),
                          f"{med['disk_bytes_per_token'] / 1e6:.0f} MB" if "disk_bytes_per_token" in med else "",
                          f"{med['routed_per_token'] / 1e6:.0f} MB" if "routed_per_token" in med else "",
                          f"{med['hit_rate']:.2f}" if "hit_rate" in med else "",
                          f"{med['guess_recall']:.2f}" if "guess_recall" in med else "",
-                         f"{bound:.2f}" if bound else "", f"{med['cgroup_peak'] / GB:.2f} GB" if med else ""])
+                         f"{bound:.2f}" if bound else "", f"{memory:.2f}" if memory else "",
+                         f"{med['tokens_per_s'] / tighter:.2f}x" if tighter and "tokens_per_s" in med else "",
+                         f"{med['cgroup_peak'] / GB:.2f} GB" if med else ""])
     table = markdown_table(["skew", "contender", "decode tok/s (median)", "disk read / token", "experts routed / token",
-                            "cache hit rate", "guess recall", "bound from bytes read (tok/s)", "cgroup peak"], rows)
+                            "cache hit rate", "guess recall", "bound from bytes read (tok/s)",
+                            "bound from bytes computed (tok/s)", "of the tighter bound", "cgroup peak"], rows)
     print(table)
     save(Path(args.out) if getattr(args, "out", None) else Path("bench-results"), "moe", data, table)
     return 0

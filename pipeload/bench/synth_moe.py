@@ -3,7 +3,12 @@ as GGUF the way llama.cpp lays them out (experts stacked in `ffn_{gate,up,down}_
 `ffn_gate_inp` in F32), fast: quantized tensors are random valid blocks (bench/synth.py).
 
 Random routers route uniformly at random: no expert is more popular than another, the worst
-case for an expert cache. `router_skew` > 0 makes routing skewed the way real routers are
+case for an expert cache. That needs hidden states that differ from token to token: with every
+weight of one standard deviation, the layers' outputs dwarf the token's embedding and the
+residual stream soon looks alike for every token (measured: 14 distinct experts of 128 per layer
+over 32 sampled tokens, where uniform routing gives ~111). So the token embeddings are written
+at unit scale and the layers' output projections (attention output, expert down) 20x smaller:
+the stream stays led by the token, and each layer's router picks afresh for each token. `router_skew` > 0 makes routing skewed the way real routers are
 (some experts much more popular): router row e of each layer is scaled by (rank_e + 1)^-skew,
 ranks a random permutation per layer. A row with a larger norm gives its expert logits of a
 larger spread, so it lands in the top k more often, for any hidden state: the skew holds at
@@ -49,6 +54,9 @@ MOE_SHAPES = {
     "test-mixtral": MoEShape("mixtral", 256, 3, 4, 2, 64, 8, 2, 512, 2048, 512),
 }
 MIXES = {"q4_k_m": T.Q4_K, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "f16": T.F16}
+EMBED_STD = 1.0         # token embeddings: the residual stream is led by the token (see above)
+OUTPUT_SCALE = 0.05     # the layers' output projections, relative to the other weights
+OUTPUTS = ("attn_output.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")
 
 
 def tensor_plan(s: MoEShape, mix: str) -> dict[str, tuple[tuple[int, ...], T]]:
@@ -127,6 +135,7 @@ def write_moe_gguf(path: str | os.PathLike, s: MoEShape, mix: str = "q4_k_m", se
     def make(name, shp, qt):
         if name.endswith("ffn_gate_inp.weight"):
             return _router(rng, s, std, router_skew)
-        return random_tensor(rng, qt, shp, std)  # a stack of experts at once: a few hundred MB at most
+        scale = EMBED_STD / std if name == "token_embd.weight" else OUTPUT_SCALE if name.endswith(OUTPUTS) else 1.0
+        return random_tensor(rng, qt, shp, std * scale)  # a stack of experts at once: a few hundred MB at most
 
     return write_random_tensors(w, path, plan, make, progress)

@@ -154,6 +154,9 @@ def read_bandwidth(nbytes: int = 512 << 20, threads: int = 2, repeats: int = 7) 
     lib = library()
     if lib is None:
         raise OSError(f"no compiled kernels: {failure()}")
+    nbytes = nbytes // 128 * 128  # the kernel reads whole 128-byte lines (and refuses anything else)
+    if nbytes < 1 << 20:
+        raise ValueError(f"read_bandwidth: give at least 1 MiB to read, got {nbytes} bytes")
     buf = torch.ones(nbytes, dtype=torch.uint8)
     lib.pl_read_bytes(buf.data_ptr(), nbytes, threads)
     times = []
