@@ -99,7 +99,10 @@ class LRU:
         del self.order[key]
 
     def victims(self) -> Iterator:
-        return iter(list(self.order))
+        """Keys in eviction order, walked lazily over the live order (a copy of the whole cache
+        per miss cost more than the read's bookkeeping): stop at the first key taken (removing
+        it ends the walk)."""
+        return iter(self.order)
 
 
 class LFU:
@@ -128,8 +131,8 @@ class LFU:
             del self.buckets[c]
 
     def victims(self) -> Iterator:
-        for c in sorted(self.buckets):
-            yield from list(self.buckets[c])
+        for c in sorted(self.buckets):  # lazily, as LRU.victims
+            yield from self.buckets[c]
 
 
 @dataclass
