@@ -114,3 +114,29 @@ def test_budget_too_small_for_the_expert_cache(mid):
     path, _, _, _ = mid
     with pytest.raises(MemoryBudgetError, match="expert cache of at least 8 experts"):
         PipelineModel.from_pretrained(path, memory_limit=current_rss() + (1 << 20), ctx=64)
+
+
+def test_eviction_keeps_every_layer_its_share():
+    """The victim comes from the layer holding the most experts (the asking layer among equals),
+    least recently (lru) or least often (lfu) used within it; a layer below its share loses
+    nothing while another holds more."""
+    from pipeload.runtime.experts import LFU, LRU, LayerBalanced
+
+    lru = LayerBalanced(LRU)
+    for key in [(0, 1), (0, 2), (0, 3), (1, 5), (1, 6), (2, 7)]:
+        lru.insert(key)
+    lru.use((0, 1))
+    assert next(lru.victims(2)) == (0, 2)        # layer 0 holds most; (0, 2) is its least recent
+    lru.remove((0, 2))
+    assert next(lru.victims(1)) == (1, 5)        # layers 0 and 1 hold two each: the asking layer's
+    assert next(lru.victims(0)) == (0, 3)
+    assert next(lru.victims(2)) == (0, 3)        # a tie the asker is not in: the lower layer
+    assert list(lru.victims(2))[-1] == (2, 7)    # the layer holding least comes last
+
+    lfu = LayerBalanced(LFU)
+    for key in [(0, 1), (0, 2), (1, 3)]:
+        lfu.insert(key)
+    for _ in range(3):
+        lfu.use((0, 2))
+    lfu.use((0, 1))
+    assert next(lfu.victims(1)) == (0, 1)        # used once against three times
