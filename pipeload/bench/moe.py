@@ -30,8 +30,10 @@ GB = 1e9
 
 _PIPELOAD = r"""
 import json, os, sys, time
+from pathlib import Path
 import pipeload
 from pipeload import PipelineModel
+from pipeload.quant.kernels import read_bandwidth
 from pipeload.runtime.memory import peak_rss
 from pipeload.weights.io import probe_read_bandwidth
 
@@ -44,8 +46,8 @@ path, budget, tokens, policy, guess = sys.argv[1], int(sys.argv[2]), int(sys.arg
 temperature = float(sys.argv[6])
 # both bandwidths before the model fills the cgroup; the disk's with as many reads in flight as the
 # expert cache keeps (4)
-mem_bw = __import__("pipeload.quant.kernels", fromlist=["x"]).read_bandwidth(min(256 << 20, budget // 4))
-disk = max(probe_read_bandwidth(__import__("pathlib").Path(path), nbytes=min(256 << 20, budget // 4), threads=4).values())
+mem_bw = read_bandwidth(min(256 << 20, budget // 4))
+disk = max(probe_read_bandwidth(Path(path), nbytes=min(256 << 20, budget // 4), threads=4).values())
 m = PipelineModel.from_pretrained(path, memory_limit=budget, ctx=256, expert_policy=policy)
 cache = m.engine.expert_cache
 if cache is None:

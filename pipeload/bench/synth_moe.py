@@ -8,9 +8,11 @@ weight of one standard deviation, the layers' outputs dwarf the token's embeddin
 residual stream soon looks alike for every token (measured: 14 distinct experts of 128 per layer
 over 32 sampled tokens, where uniform routing gives ~111). So the token embeddings are written
 at unit scale and the layers' output projections (attention output, expert down) 20x smaller:
-the stream stays led by the token, and each layer's router picks afresh for each token. `router_skew` > 0 makes routing skewed the way real routers are
-(some experts much more popular): router row e of each layer is scaled by (rank_e + 1)^-skew,
-ranks a random permutation per layer. A row with a larger norm gives its expert logits of a
+the stream stays led by the token, and each layer's router picks afresh for each token.
+
+`router_skew` > 0 makes routing skewed the way real routers are (some experts much more
+popular): router row e of each layer is scaled by (rank_e + 1)^-skew, ranks a random
+permutation per layer. A row with a larger norm gives its expert logits of a
 larger spread, so it lands in the top k more often, for any hidden state: the skew holds at
 every layer without knowing what the hidden states look like. How skewed routing then really
 is gets measured (`pipeload bench moe` prints the share of uses of the most used experts).

@@ -204,13 +204,21 @@ def _check_input(x: torch.Tensor, w: GGMLWeight) -> None:
         raise ValueError(f"linear: input of shape {tuple(x.shape)} does not match the weight{name} of shape {w.shape}")
 
 
-def _kernel_linear(lib, x: torch.Tensor, ws: list[GGMLWeight], method: int = 0) -> list[torch.Tensor]:
-    """One pl_linear call for all of ws: the decode products (method 0) or the GEMM for block
-    types (method 1; the same bits, faster for many rows)."""
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels take it: float32 or bfloat16 rows of unit stride."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return x.to(torch.float32).contiguous()
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _kernel_linear(lib, x: torch.Tensor, ws: list[GGMLWeight], method: int = 0,
+                   out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """One pl_linear call for all of ws: the decode products (method 0), the GEMM for block
+    types (method 1; the same bits, faster for many rows), or weight i times row i % M only
+    (method 2). Each weight's output goes to a new tensor, or to its row(s) of `out`."""
     m, k = x.shape
-    if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(1) != 1:
-        x = x.to(torch.float32).contiguous() if x.dtype not in (torch.float32, torch.bfloat16) else x.contiguous()
-    ys = [torch.empty(m, w.shape[0], dtype=x.dtype) for w in ws]
+    x = _kernel_input(x)
+    ys = out if out is not None else [torch.empty(m, w.shape[0], dtype=x.dtype) for w in ws]
     desc = (ctypes.c_int64 * (_DESC * len(ws)))()
     nbytes = 0
     for i, (w, y) in enumerate(zip(ws, ys)):
@@ -219,9 +227,11 @@ def _kernel_linear(lib, x: torch.Tensor, ws: list[GGMLWeight], method: int = 0) 
                                              w.shape[0]]
         nbytes += b.numel()
     bf16 = int(x.dtype == torch.bfloat16)
-    code = lib.pl_linear(desc, len(ws), x.data_ptr(), bf16, x.stride(0), m, k, bf16, _threads(nbytes * m), method)
+    work = nbytes if method == 2 else nbytes * m  # paired: each weight meets one row
+    code = lib.pl_linear(desc, len(ws), x.data_ptr(), bf16, x.stride(0), m, k, bf16, _threads(work), method)
     if code:
-        _raise(code, "linear on " + ", ".join(repr(w.name or str(w.shape)) for w in ws))
+        name = "linear_paired" if method == 2 else "linear"
+        _raise(code, f"{name} on " + ", ".join(repr(w.name or str(w.shape)) for w in ws))
     return ys
 
 
@@ -298,25 +308,14 @@ def linear_paired(x: torch.Tensor, ws: list[GGMLWeight]) -> torch.Tensor:
     if lib is None or not all(_compiled(lib, w.qtype) for w in ws):
         _count("portable", ws)
         return torch.cat([_portable_linear(x[i % m:i % m + 1], w) for i, w in enumerate(ws)])
-    if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(1) != 1:
-        x = x.to(torch.float32).contiguous() if x.dtype not in (torch.float32, torch.bfloat16) else x.contiguous()
+    x = _kernel_input(x)
     y = torch.empty(len(ws), n, dtype=x.dtype)
     _count("decode", ws)
-    bf16 = int(x.dtype == torch.bfloat16)
     for c0 in range(0, len(ws), MAX_WEIGHTS):
         chunk = ws[c0:c0 + MAX_WEIGHTS]
         # the kernel pairs weight i of a call with row i % M: rotate x so weight c0 + i meets row (c0 + i) % M
         rows = x if c0 % m == 0 else torch.roll(x, -(c0 % m), 0)
-        desc = (ctypes.c_int64 * (_DESC * len(chunk)))()
-        nbytes = 0
-        for i, w in enumerate(chunk):
-            b = w.blocks
-            desc[_DESC * i:_DESC * i + _DESC] = [int(w.qtype), b.data_ptr(), b.stride(0), n, y[c0 + i].data_ptr(), n]
-            nbytes += b.numel()
-        code = lib.pl_linear(desc, len(chunk), rows.data_ptr(), bf16, rows.stride(0), m, x.shape[1], bf16,
-                             _threads(nbytes), 2)
-        if code:
-            _raise(code, "linear_paired on " + ", ".join(repr(w.name or str(w.shape)) for w in chunk))
+        _kernel_linear(lib, rows, chunk, 2, out=[y[c0 + i:c0 + i + 1] for i in range(len(chunk))])
     return y
 
 

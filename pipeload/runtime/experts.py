@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterator
 
 import torch
@@ -59,13 +60,15 @@ class ExpertGeometry:
     def n_experts(self) -> int:
         return sum(len(v) for v in self.pieces.values())
 
+    @cached_property
+    def _expert_sizes(self) -> dict[tuple[int, int], int]:
+        # asked for every routed expert of every step: summed once
+        return {(i, e): sum(p.nbytes for p in parts.values()) for i, layer in self.pieces.items()
+                for e, parts in enumerate(layer)}
+
     def expert_bytes(self, layer: int, e: int) -> int:
         """File bytes of one expert (what routing it costs; reads add at most 8 KiB of alignment)."""
-        sizes = self.__dict__.get("_sizes")
-        if sizes is None:  # asked for every routed expert of every step: computed once
-            sizes = self.__dict__["_sizes"] = {(i, x): sum(p.nbytes for p in parts.values())
-                                               for i, layer in self.pieces.items() for x, parts in enumerate(layer)}
-        return sizes[(layer, e)]
+        return self._expert_sizes[(layer, e)]
 
     def read_bytes(self, layer: int, e: int) -> int:
         """Bytes actually read for one expert (its aligned spans)."""
@@ -167,7 +170,7 @@ class LayerBalanced:
         self.layers[key[0]].remove(key)
         self.sizes[key[0]] -= 1
 
-    def victims(self, layer: int | None = None) -> Iterator:
+    def victims(self, layer: int) -> Iterator:
         """Keys in eviction order for a slot `layer` needs, lazily (see LRU.victims)."""
         for held in sorted(self.sizes, key=lambda i: (-self.sizes[i], i != layer)):
             yield from self.layers[held].victims()
