@@ -140,3 +140,35 @@ def test_eviction_keeps_every_layer_its_share():
         lfu.use((0, 2))
     lfu.use((0, 1))
     assert next(lfu.victims(1)) == (0, 1)        # used once against three times
+
+
+def test_slot_pools_follow_each_layer_s_expert_size(mid):
+    """Q4_K_M keeps some layers' down matrices in Q6_K: their experts are larger. The cache gives
+    every layer the same number of slots of its own size (not slots of the largest for all),
+    falls back to one pool of the largest when a pool would be too small to serve a step, and
+    never holds more slots than experts."""
+    from pipeload.runtime.experts import expert_geometry
+
+    path, _, _, _ = mid
+    geometry = expert_geometry(open_model(path))
+    small, large = sorted(set(geometry.layer_slot_bytes.values()))
+    per_size = {b: sum(1 for s in geometry.layer_slot_bytes.values() if s == b) for b in (small, large)}
+    assert per_size == {small: 2, large: 2}
+    total = sum(geometry.layer_slot_bytes.values())
+    # five slots per layer, and the bytes left over one more slot of the smaller size
+    assert geometry.carve(5 * total + small + 1, top_k=4) == {small: 11, large: 10}
+    # three per layer would leave pools of 6 (< 2 x top_k): one pool of the largest slots instead
+    assert geometry.carve(3 * total, top_k=4) == {large: 3 * total // large}
+    # float copies cost `extra` per slot beside its size
+    assert geometry.carve(5 * (total + 4 * 1000), top_k=4, extra=1000) == {small: 10, large: 10}
+    assert geometry.carve(10 ** 6 * total, top_k=4) == {small: 64, large: 64}  # 32 experts x 2 layers each
+
+    m = PipelineModel.from_pretrained(path, memory_limit=_budget(path, 0.4), ctx=64)
+    try:
+        cache = m.engine.expert_cache
+        assert cache.pool_slots == m.plan.expert_slot_counts and set(cache.pool_slots) == {small, large}
+        assert cache.nbytes == m.plan.expert_cache_bytes
+        assert {cache.pool_of[i] for i in range(4)} == {small, large}
+        assert all(cache.pool_of[i] == geometry.layer_slot_bytes[i] for i in range(4))
+    finally:
+        m.close()

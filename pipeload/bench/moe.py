@@ -151,6 +151,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default="lru", help="expert cache policies for pipeload (lru,lfu)")
     p.add_argument("--no-guess", dest="guess", action="store_false", help="do not guess the next layer's experts")
     p.add_argument("--tokens", type=int, default=16, help="decoded tokens timed per run")
+    p.add_argument("--llama-tokens", type=int, default=None,
+                   help="decoded tokens timed per llama.cpp run (default: --tokens; its rate at a fraction of the time "
+                        "when its mmap reads the whole file per token)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature of both engines (greedy decoding of a random model repeats tokens, "
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         contenders = {f"pipeload {p}": (_PIPELOAD, [path, budget, args.tokens, p, int(args.guess), args.temperature])
                       for p in args.policies.split(",")}
         if args.llama:
-            contenders["llama.cpp mmap"] = (_LLAMA_CPP, [path, args.tokens, args.temperature])
+            contenders["llama.cpp mmap"] = (_LLAMA_CPP, [path, args.llama_tokens or args.tokens, args.temperature])
         results = {name: [] for name in contenders}
         for _ in range(args.repeats):
             for name, (code, argv) in contenders.items():

@@ -158,7 +158,8 @@ class SparseMoE(nn.Module):
             lone = [(e, w) for e, w in group if len(routed[e]) == 1]
             if lone:  # experts one row uses (all of them in a decode step): one kernel call for the lot
                 places = [t * self.cfg.top_k + r for e, _ in lone for t, r in routed[e]]
-                rows = xf[[routed[e][0][0] for e, _ in lone]]                    # (P, D)
+                # (P, D); one row (decode) pairs with every weight as it is (no gathered copy)
+                rows = xf if xf.shape[0] == 1 else xf[[routed[e][0][0] for e, _ in lone]]
                 gu = ops.linear_paired(rows, [w[0] for _, w in lone] + [w[1] for _, w in lone])  # (2P, F)
                 h = swiglu_rows(gu[:len(lone)], gu[len(lone):])                  # (P, F)
                 picked[places] = ops.linear_paired(h, [w[2] for _, w in lone])   # (P, D)

@@ -88,6 +88,16 @@ class GGMLWeight:
             raise ValueError(f"{what}: blocks must be CPU rows of contiguous bytes (stride {b.stride()})")
         self.shape = (n, k)
 
+    @classmethod
+    def trusted_view(cls, qtype: GGMLQuantizationType, shape: tuple[int, int], blocks: torch.Tensor,
+                     name: str = "") -> "GGMLWeight":
+        """A GGMLWeight built without the checks, for a caller that has built this very layout
+        once through the constructor (the expert cache rebuilds an expert's weights over a slot
+        every time it is read: the checks cost more than the view)."""
+        w = cls.__new__(cls)
+        w.qtype, w.shape, w.blocks, w.name = qtype, shape, blocks, name
+        return w
+
     @property
     def nbytes(self) -> int:
         return self.blocks.numel()

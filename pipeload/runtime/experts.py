@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..models.moe import EXPERT_PARTS, ExpertWeights, route, router_logits
+from ..quant.ops import GGMLWeight
 from ..weights.experts import ExpertPiece, expert_pieces, layer_expert_refs
 from ..weights.io import ALIGN, RangeReader, aligned_buffer
 from .moe_blocks import expert_weights
@@ -50,15 +51,25 @@ def _span(piece: ExpertPiece) -> tuple[int, int]:
 
 @dataclass
 class ExpertGeometry:
-    """Every routed expert's pieces, and the slot that holds any one of them."""
+    """Every routed expert's pieces, and the slots that hold them.
+
+    A slot holds one expert of a layer: its three pieces side by side (`regions`). Layers may
+    store experts in different types (a Q4_K_M file keeps some layers' down matrices in Q6_K:
+    experts of 114 MB beside 99 MB in a Mixtral), so each layer has its own slot size, and a
+    cache keeps a pool of slots per size (`carve`) rather than sizing every slot for the largest."""
 
     pieces: dict[int, list[dict[str, ExpertPiece]]]  # layer -> expert -> part -> piece
-    regions: dict[str, int]                           # part -> offset of its region in a slot
-    slot_bytes: int
+    regions: dict[int, dict[str, int]]                # layer -> part -> offset of its region in a slot
+    layer_slot_bytes: dict[int, int]                  # layer -> the slot that holds any of its experts
 
     @property
     def n_experts(self) -> int:
         return sum(len(v) for v in self.pieces.values())
+
+    @property
+    def slot_bytes(self) -> int:
+        """The largest slot (one that holds an expert of any layer)."""
+        return max(self.layer_slot_bytes.values())
 
     @cached_property
     def _expert_sizes(self) -> dict[tuple[int, int], int]:
@@ -74,17 +85,49 @@ class ExpertGeometry:
         """Bytes actually read for one expert (its aligned spans)."""
         return sum(_span(p)[1] for p in self.pieces[layer][e].values())
 
+    def carve(self, nbytes: int, top_k: int, extra: int = 0) -> dict[int, int]:
+        """{slot size: count} of the slots `nbytes` holds (each slot costing `extra` bytes more,
+        not part of its size:
+        float copies in the exact mode). Every layer gets the same number of slots, as the
+        eviction keeps them (LayerBalanced), the bytes left over one more slot for as many layers
+        as fit, the smallest first. Each pool must hold a layer's experts and the next layer's
+        guesses (2 top_k slots); a budget too small for that in every pool gets slots of the
+        largest size only, one pool as before."""
+        size = {i: b + extra for i, b in self.layer_slot_bytes.items()}
+        per_layer = nbytes // sum(size.values())
+        counts: dict[int, int] = {}
+        for i in size:
+            counts[size[i]] = counts.get(size[i], 0) + per_layer
+        left = nbytes - per_layer * sum(size.values())
+        for i in sorted(size, key=lambda i: (size[i], i)):
+            if size[i] <= left:
+                counts[size[i]] += 1
+                left -= size[i]
+        if len(counts) > 1 and min(counts.values()) < 2 * top_k:
+            largest = max(size.values())
+            counts = {largest: nbytes // largest}
+        # never more slots than the experts that use them
+        users = {}
+        for i, b in size.items():
+            users[b] = users.get(b, 0) + len(self.pieces[i])
+        if len(counts) == 1:
+            users = {b: sum(users.values()) for b in counts}
+        return {b - extra: min(n, users[b]) for b, n in counts.items() if n}
+
 
 def expert_geometry(spec) -> ExpertGeometry:
-    """The pieces of every routed expert of an MoE ModelSpec and the slot size that fits the
-    largest; raises ModelFileError on inconsistent expert tensors."""
+    """The pieces of every routed expert of an MoE ModelSpec and the slot size of each layer;
+    raises ModelFileError on inconsistent expert tensors."""
     n = spec.args.n_experts
     pieces = {i: expert_pieces(layer_expert_refs(spec.index.block(i).tensors), n, i) for i in range(spec.args.n_layers)}
-    regions, at = {}, 0
-    for part in EXPERT_PARTS:
-        regions[part] = at
-        at += max(_span(p[part])[1] for layer in pieces.values() for p in layer)
-    return ExpertGeometry(pieces, regions, at)
+    regions, sizes = {}, {}
+    for i, layer in pieces.items():
+        regions[i], at = {}, 0
+        for part in EXPERT_PARTS:
+            regions[i][part] = at
+            at += max(_span(p[part])[1] for p in layer)
+        sizes[i] = at
+    return ExpertGeometry(pieces, regions, sizes)
 
 
 class LRU:
@@ -171,9 +214,18 @@ class LayerBalanced:
         self.sizes[key[0]] -= 1
 
     def victims(self, layer: int) -> Iterator:
-        """Keys in eviction order for a slot `layer` needs, lazily (see LRU.victims)."""
+        """Keys in eviction order for a slot `layer` needs, lazily (see LRU.victims): the layer
+        holding the most first (the asking one among equals, else the first such layer), then the
+        others by size. Sorting every layer for every miss cost more than the read's bookkeeping;
+        the first layer almost always has a victim."""
+        if not self.sizes:
+            return
+        top = max(self.sizes.values())
+        first = layer if self.sizes.get(layer) == top else next(i for i, n in self.sizes.items() if n == top)
+        yield from self.layers[first].victims()
         for held in sorted(self.sizes, key=lambda i: (-self.sizes[i], i != layer)):
-            yield from self.layers[held].victims()
+            if held != first:
+                yield from self.layers[held].victims()
 
 
 @dataclass
@@ -234,23 +286,43 @@ class _Entry:
 
 
 class ExpertCache:
-    """The routed experts of every layer, read on demand into `n_slots` reused slots (an
-    ExpertSource for every MoE block of the model)."""
+    """The routed experts of every layer, read on demand into reused slots (an ExpertSource for
+    every MoE block of the model). `slots` is {slot size: count} (ExpertGeometry.carve: a pool of
+    slots per size, each layer drawing on the smallest pool its experts fit), or a count of slots
+    of the largest size (one pool for every layer)."""
 
-    def __init__(self, spec, geometry: ExpertGeometry, n_slots: int, policy: str = "lru", io_mode: str = "direct",
+    def __init__(self, spec, geometry: ExpertGeometry, slots: int | dict[int, int], policy: str = "lru",
+                 io_mode: str = "direct",
                  read_threads: int = 4, guides: dict[int, tuple[nn.Module, nn.Module]] | None = None,
                  stream_stats=None, guess: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"expert cache policy must be one of {POLICIES}, got {policy!r}")
-        if n_slots < 1:
-            raise ValueError(f"an expert cache needs at least one slot, got {n_slots}")
+        if isinstance(slots, int):
+            slots = {geometry.slot_bytes: slots}
+        if sum(slots.values()) < 1:
+            raise ValueError(f"an expert cache needs at least one slot, got {slots}")
         self.spec, self.geometry, self.io_mode = spec, geometry, io_mode
         self.top_k, self.n_layers = spec.args.top_k, spec.args.n_layers
-        self.n_slots, self.policy_name = n_slots, policy
-        self.arena = aligned_buffer(n_slots * geometry.slot_bytes)  # one mapping for every slot
-        self.free: deque[int] = deque(range(n_slots))
+        self.n_slots, self.policy_name = sum(slots.values()), policy
+        # each layer's pool: the smallest slot size that holds its experts
+        self.pool_of = {}
+        for layer, need in geometry.layer_slot_bytes.items():
+            fits = [size for size, n in slots.items() if size >= need and n > 0]
+            if not fits:
+                raise ValueError(f"expert cache: no slot holds layer {layer}'s experts ({need} bytes; slots {slots})")
+            self.pool_of[layer] = min(fits)
+        self.slot_at: list[tuple[int, int]] = []  # slot -> (offset in the arena, size)
+        self.free: dict[int, deque[int]] = {}     # pool (slot size) -> its free slots
+        at = 0
+        for size, n in sorted(slots.items()):
+            self.free[size] = deque(range(len(self.slot_at), len(self.slot_at) + n))
+            self.slot_at += [(at + j * size, size) for j in range(n)]
+            at += n * size
+        self.arena = aligned_buffer(sum(size * n for size, n in slots.items()))  # one mapping for every slot
         self.entries: dict[tuple[int, int], _Entry] = {}
-        self.policy = LayerBalanced(LRU if policy == "lru" else LFU)
+        # eviction within a pool: a layer's slots can only be taken from layers of its pool
+        self.policies = {size: LayerBalanced(LRU if policy == "lru" else LFU) for size in slots}
+        self.pool_slots = dict(slots)
         self.guides = guides or {}            # layer -> (feed-forward norm, router) for guessing
         self.guess = guess                     # guessing on; it needs guides (set by the engine)
         self.guesses: dict[int, set[int]] = {}  # layer -> experts guessed for its next use
@@ -262,16 +334,20 @@ class ExpertCache:
                            for layer in geometry.pieces.values() for p in layer[0].values()}
         self.where = f"{spec.path}: experts"
         self.lock = threading.Lock()
+        self._layouts: dict[tuple[int, int], list] = {}  # (layer, expert) -> where its matrices sit in a slot
 
     @property
     def nbytes(self) -> int:
-        return self.n_slots * self.geometry.slot_bytes
+        return sum(size * n for size, n in self.pool_slots.items())
+
+    def _policy(self, layer: int) -> LayerBalanced:
+        return self.policies[self.pool_of[layer]]
 
     # -- reading --------------------------------------------------------------------------------
 
     def _slot(self, slot: int) -> torch.Tensor:
-        s = self.geometry.slot_bytes
-        return self.arena[slot * s:(slot + 1) * s]
+        at, size = self.slot_at[slot]
+        return self.arena[at:at + size]
 
     def _read(self, layer: int, e: int, slot: int) -> int:
         """Read expert e of `layer` into `slot` (on a pool thread); returns the bytes read."""
@@ -282,7 +358,7 @@ class ExpertCache:
             path = piece.ref.info.path
             if self.io_mode != "direct":
                 length = min(length, self.file_sizes[path] - start)
-            at = self.geometry.regions[part]
+            at = self.geometry.regions[layer][part]
             self.reader.read_into(path, start, buf[at:at + length], self.io_mode == "direct")
             total += length
         # counted when read, used or not (a wrong guess's read costs as much as a miss)
@@ -294,26 +370,40 @@ class ExpertCache:
         return total
 
     def _views(self, layer: int, e: int, slot: int) -> ExpertWeights:
-        buf, pieces = self._slot(slot), self.geometry.pieces[layer][e]
-        raw = []
+        """The expert's (gate, up, down) over its slot. Built and checked through expert_weights
+        the first time; later reads of the same expert reuse that layout (where each matrix sits
+        in the slot, its type and shape) and only make the views."""
+        buf, base = self._slot(slot), self.slot_at[slot][0]
+        layout = self._layouts.get((layer, e))
+        if layout is not None:
+            return tuple(GGMLWeight.trusted_view(qtype, shape, self.arena[base + at:base + at + n].view(shape[0], -1),
+                                                 name) for at, n, qtype, shape, name in layout)
+        pieces, raw = self.geometry.pieces[layer][e], []
         for part in EXPERT_PARTS:
             piece = pieces[part]
-            at = self.geometry.regions[part] + piece.offset - _span(piece)[0]
+            at = self.geometry.regions[layer][part] + piece.offset - _span(piece)[0]
             raw.append(buf[at:at + piece.nbytes])
-        return expert_weights(pieces, raw, self.spec.args.expert_ffn_dim, self.spec.args.dim, self.spec.exact,
-                              self.where)
+        weights = expert_weights(pieces, raw, self.spec.args.expert_ffn_dim, self.spec.args.dim, self.spec.exact,
+                                 self.where)
+        # reusable only where every matrix is the slot's own bytes (not a materialized float copy)
+        if all(w.blocks.data_ptr() == r.data_ptr() and w.blocks.numel() == r.numel() for w, r in zip(weights, raw)):
+            self._layouts[(layer, e)] = [(r.data_ptr() - buf.data_ptr(), r.numel(), w.qtype, w.shape, w.name)
+                                         for w, r in zip(weights, raw)]
+        return weights
 
     def _take_slot(self, layer: int) -> int | None:
         """A free slot for an expert of `layer`, evicting by the policy if needed; None when
         every slot is in use."""
-        if self.free:
-            return self.free.popleft()
-        for key in self.policy.victims(layer):
+        pool = self.pool_of[layer]
+        if self.free[pool]:
+            return self.free[pool].popleft()
+        policy = self.policies[pool]
+        for key in policy.victims(layer):
             entry = self.entries[key]
             # a read in flight is never evicted; a finished one nobody used (a wrong guess) may be,
             # and a read error of it goes with it (it would be raised on use)
             if entry.pins == 0 and not entry.guess and (entry.future is None or entry.future.done()):
-                self.policy.remove(key)
+                policy.remove(key)
                 del self.entries[key]
                 self.stats.evictions += 1
                 return entry.slot
@@ -326,7 +416,7 @@ class ExpertCache:
             return None
         entry = _Entry(slot, self.pool.submit(self._read, layer, e, slot), guess=guess, by_guess=guess)
         self.entries[(layer, e)] = entry
-        self.policy.insert((layer, e))
+        self._policy(layer).insert((layer, e))
         return entry
 
     def _finish(self, layer: int, e: int, entry: _Entry) -> None:
@@ -380,7 +470,7 @@ class ExpertCache:
             st.hits += 1 - kind
             per_layer[kind] += 1
             entry.pins += 1
-            self.policy.use(key)
+            self._policy(layer).use(key)
             if entry.future is not None:
                 reading[entry.future] = e
             else:
@@ -400,14 +490,15 @@ class ExpertCache:
                         break
                     e = todo.popleft()
                     entry.pins += 1
-                    self.policy.use((layer, e))
+                    self._policy(layer).use((layer, e))
                     reading[entry.future] = e
                 if not guessed_now and not todo:  # after this layer's own reads, so they come first
                     guessed_now = True
-                    self._guess(layer, hidden, self._guess_limit(hidden.shape[0]))
+                    self._guess(layer, hidden, self._guess_limit(layer, hidden.shape[0]))
                 if not ready:
                     if not reading:
-                        raise RuntimeError(f"expert cache of {self.n_slots} slots cannot hold what layer {layer} needs")
+                        raise RuntimeError(f"expert cache of {self.pool_slots[self.pool_of[layer]]} slots of "
+                                           f"{self.pool_of[layer]} bytes cannot hold what layer {layer} needs")
                     t0 = time.perf_counter()
                     done, _ = wait(list(reading), return_when=FIRST_COMPLETED)
                     st.wait_seconds += time.perf_counter() - t0
@@ -436,10 +527,10 @@ class ExpertCache:
             for e in ready:
                 self.entries[(layer, e)].pins -= 1
 
-    def _guess_limit(self, rows: int) -> int:
+    def _guess_limit(self, layer: int, rows: int) -> int:
         """At most this many experts are guessed: the next layer's k per row (a few rows), and
-        never more than a third of the slots (guesses must not crowd out the cache)."""
-        return min(self.top_k * min(rows, 4), self.n_slots // 3)
+        never more than a third of the next layer's pool (guesses must not crowd out the cache)."""
+        return min(self.top_k * min(rows, 4), self.pool_slots[self.pool_of[min(layer + 1, self.n_layers - 1)]] // 3)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

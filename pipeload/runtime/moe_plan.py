@@ -89,7 +89,8 @@ def make_moe_plan(spec, budget: int, everything):
     materialized = {name: sum(_materialized(r, spec.exact) for r in group.tensors
                               if len(r.shape) == 2 and r.name.endswith(".weight") and not is_routed_expert(r.name))
                     for name, group in spec.index.groups.items() if name != "embed"}
-    per_slot = geometry.slot_bytes + _expert_materialized(spec)
+    extra = _expert_materialized(spec)
+    per_slot = geometry.slot_bytes + extra
     per_token, per_pass = routed_bytes(spec, geometry, everything.batch)
     min_slots = 2 * a.top_k  # one layer's experts and the next layer's guesses
     blocks = [f"blk.{i}" for i in range(a.n_layers)]
@@ -101,10 +102,12 @@ def make_moe_plan(spec, budget: int, everything):
             streamed = [g for g in blocks + ["head"] if g not in resident]
             base = replace(everything, group_bytes=dict(dense), resident=[g for g in blocks + ["head"] if g in resident],
                            streamed=streamed, slot_bytes=max((dense[g] for g in streamed), default=0),
-                           margin_bytes=margin, materialized=dict(materialized), expert_slot_bytes=per_slot, expert_total=geometry.n_experts,
+                           margin_bytes=margin, materialized=dict(materialized), expert_slot_bytes=per_slot,
+                           expert_slot_extra=extra, expert_total=geometry.n_experts,
                            routed_bytes_per_token=per_token, routed_bytes_per_pass=per_pass, resident_expert_bytes=0,
                            guide_bytes=sum(guides[g] for g in streamed if g != "head"), notes=list(everything.notes))
-            base.expert_slots = min(geometry.n_experts, max(0, (budget - base.predicted_peak) // per_slot))
+            counts = geometry.carve(max(0, budget - base.predicted_peak), a.top_k, extra)
+            base.expert_slot_counts, base.expert_slots = counts, sum(counts.values())
             candidates.append(base)
     fitting = [c for c in candidates if c.expert_slots >= min_slots]
     if not fitting:
