@@ -146,7 +146,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=8, help="layers of the shape to write (sizes the file)")
     p.add_argument("--mix", default="q4_k_m")
     p.add_argument("--limit", default="2GB", help="the memory cgroup's limit (page cache included)")
-    p.add_argument("--budget", default=None, help="pipeload's memory_limit (default: the limit minus 160 MB)")
+    p.add_argument("--budget", default=None,
+                   help="pipeload's memory_limit (default: the cgroup's limit itself, held page cache included)")
     p.add_argument("--skew", default="0", help="router skews, comma-separated (0: uniformly random routing)")
     p.add_argument("--policies", default="lru", help="expert cache policies for pipeload (lru,lfu)")
     p.add_argument("--no-guess", dest="guess", action="store_false", help="do not guess the next layer's experts")
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.memory import format_bytes, parse_size
 
     limit = parse_size(args.limit)
-    budget = parse_size(args.budget) if args.budget else limit - (160 << 20)
+    budget = parse_size(args.budget) if args.budget else limit
     data, rows = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "runs": []}, []
     for skew in [float(s) for s in args.skew.split(",")]:
         path = model_path(args, skew)
