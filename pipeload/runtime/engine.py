@@ -55,8 +55,8 @@ class Engine(SpecView):
 
 def load_layers(spec: ModelSpec, resident: list[str], streamed: list[str], io_mode: str, prefetch_depth: int = PREFETCH_DEPTH,
                 read_threads: int = 2, blocks: dict[int, nn.Module] | None = None, model: nn.Module | None = None,
-                token_rows_on_disk: bool = False, expert_slots: int | dict[int, int] = 0, expert_policy: str = "lru",
-                guess_experts: bool = True):
+                token_rows_on_disk: bool = False, expert_slots: dict[int, int] | None = None,
+                expert_policy: str = "lru", guess_experts: bool = True):
     """(Model with embeddings and, if "head" is resident, its head; a LayerSource) for groups
     `resident` (read now, each into a buffer of its own) and `streamed` (read ahead into the
     prefetch ring at each use). `blocks` are blocks already held (a cluster stage keeps them)
@@ -64,8 +64,8 @@ def load_layers(spec: ModelSpec, resident: list[str], streamed: list[str], io_mo
     encoder's plan under a tight budget) the token table stays in the file and the rows each
     batch looks up are read then (weights/rows.py). With `expert_slots` (a mixture-of-experts
     model), the groups are the layers' dense parts and every routed expert is read on demand
-    into an expert cache of those slots ({slot size: count}, or a count; runtime/experts.py); without it, routed experts
-    stay part of their layers."""
+    into an expert cache of those slots ({slot size: count}; runtime/experts.py); without it,
+    routed experts stay part of their layers."""
     layouts = group_layouts(spec.index, routed_experts=not expert_slots)
     blocks = dict(blocks or {})
     from .streaming import StreamStats, read_resident
@@ -150,7 +150,8 @@ def load_engine(path: str | os.PathLike, dtype: torch.dtype | None = None, memor
         plan.read_cache_bytes = 0  # O_DIRECT reads leave nothing in the page cache
     model, layers = load_layers(spec, resident, streamed, io_mode, prefetch_depth, 2 if parallel_loading else 1,
                                 token_rows_on_disk=plan is not None and plan.token_rows_on_disk,
-                                expert_slots=(plan.expert_slot_counts or plan.expert_slots) if plan is not None else 0, expert_policy=expert_policy,
+                                expert_slots=plan.expert_slot_counts if plan is not None else None,
+                                expert_policy=expert_policy,
                                 guess_experts=guess_experts)
     executor = Executor(model, layers, args.n_layers, layer_windows(args))
     return Engine(spec=spec, model=model, executor=executor, context=context, plan=plan,

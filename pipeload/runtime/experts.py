@@ -86,9 +86,8 @@ class ExpertGeometry:
         return sum(_span(p)[1] for p in self.pieces[layer][e].values())
 
     def carve(self, nbytes: int, top_k: int, extra: int = 0) -> dict[int, int]:
-        """{slot size: count} of the slots `nbytes` holds (each slot costing `extra` bytes more,
-        not part of its size:
-        float copies in the exact mode). Every layer gets the same number of slots, as the
+        """{slot size: count} of the slots `nbytes` holds, each slot costing `extra` bytes beside
+        its size (float copies in the exact mode). Every layer gets the same number of slots, as the
         eviction keeps them (LayerBalanced), the bytes left over one more slot for as many layers
         as fit, the smallest first. Each pool must hold a layer's experts and the next layer's
         guesses (2 top_k slots); a budget too small for that in every pool gets slots of the
@@ -106,12 +105,13 @@ class ExpertGeometry:
         if len(counts) > 1 and min(counts.values()) < 2 * top_k:
             largest = max(size.values())
             counts = {largest: nbytes // largest}
-        # never more slots than the experts that use them
-        users = {}
-        for i, b in size.items():
-            users[b] = users.get(b, 0) + len(self.pieces[i])
+        # never more slots than the experts that use them (one pool serves every layer)
         if len(counts) == 1:
-            users = {b: sum(users.values()) for b in counts}
+            users = {b: self.n_experts for b in counts}
+        else:
+            users = {}
+            for i, b in size.items():
+                users[b] = users.get(b, 0) + len(self.pieces[i])
         return {b - extra: min(n, users[b]) for b, n in counts.items() if n}
 
 
@@ -288,17 +288,13 @@ class _Entry:
 class ExpertCache:
     """The routed experts of every layer, read on demand into reused slots (an ExpertSource for
     every MoE block of the model). `slots` is {slot size: count} (ExpertGeometry.carve: a pool of
-    slots per size, each layer drawing on the smallest pool its experts fit), or a count of slots
-    of the largest size (one pool for every layer)."""
+    slots per size, each layer drawing on the smallest pool its experts fit)."""
 
-    def __init__(self, spec, geometry: ExpertGeometry, slots: int | dict[int, int], policy: str = "lru",
-                 io_mode: str = "direct",
-                 read_threads: int = 4, guides: dict[int, tuple[nn.Module, nn.Module]] | None = None,
-                 stream_stats=None, guess: bool = True):
+    def __init__(self, spec, geometry: ExpertGeometry, slots: dict[int, int], policy: str = "lru",
+                 io_mode: str = "direct", read_threads: int = 4,
+                 guides: dict[int, tuple[nn.Module, nn.Module]] | None = None, stream_stats=None, guess: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"expert cache policy must be one of {POLICIES}, got {policy!r}")
-        if isinstance(slots, int):
-            slots = {geometry.slot_bytes: slots}
         if sum(slots.values()) < 1:
             raise ValueError(f"an expert cache needs at least one slot, got {slots}")
         self.spec, self.geometry, self.io_mode = spec, geometry, io_mode
@@ -373,12 +369,12 @@ class ExpertCache:
         """The expert's (gate, up, down) over its slot. Built and checked through expert_weights
         the first time; later reads of the same expert reuse that layout (where each matrix sits
         in the slot, its type and shape) and only make the views."""
-        buf, base = self._slot(slot), self.slot_at[slot][0]
         layout = self._layouts.get((layer, e))
         if layout is not None:
+            base = self.slot_at[slot][0]
             return tuple(GGMLWeight.trusted_view(qtype, shape, self.arena[base + at:base + at + n].view(shape[0], -1),
                                                  name) for at, n, qtype, shape, name in layout)
-        pieces, raw = self.geometry.pieces[layer][e], []
+        buf, pieces, raw = self._slot(slot), self.geometry.pieces[layer][e], []
         for part in EXPERT_PARTS:
             piece = pieces[part]
             at = self.geometry.regions[layer][part] + piece.offset - _span(piece)[0]

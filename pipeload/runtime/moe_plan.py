@@ -102,12 +102,11 @@ def make_moe_plan(spec, budget: int, everything):
             streamed = [g for g in blocks + ["head"] if g not in resident]
             base = replace(everything, group_bytes=dict(dense), resident=[g for g in blocks + ["head"] if g in resident],
                            streamed=streamed, slot_bytes=max((dense[g] for g in streamed), default=0),
-                           margin_bytes=margin, materialized=dict(materialized), expert_slot_bytes=per_slot,
-                           expert_slot_extra=extra, expert_total=geometry.n_experts,
+                           margin_bytes=margin, materialized=dict(materialized), expert_slot_extra=extra,
+                           expert_total=geometry.n_experts,
                            routed_bytes_per_token=per_token, routed_bytes_per_pass=per_pass, resident_expert_bytes=0,
                            guide_bytes=sum(guides[g] for g in streamed if g != "head"), notes=list(everything.notes))
-            counts = geometry.carve(max(0, budget - base.predicted_peak), a.top_k, extra)
-            base.expert_slot_counts, base.expert_slots = counts, sum(counts.values())
+            base.expert_slot_counts = geometry.carve(max(0, budget - base.predicted_peak), a.top_k, extra)
             candidates.append(base)
     fitting = [c for c in candidates if c.expert_slots >= min_slots]
     if not fitting:

@@ -55,9 +55,8 @@ class Plan:
     encoder: bool = False                   # activations of encoder passes (batch inputs of context tokens)
     token_rows_on_disk: bool = False        # the token table stays in the file; looked-up rows are read
     # mixture of experts (runtime/moe_plan.py): routed experts read on demand into a cache of slots
-    expert_slots: int = 0                   # 0: routed experts are part of their layer groups
-    expert_slot_bytes: int = 0              # the largest slot (an expert's aligned reads, plus float32 copies if any)
-    expert_slot_counts: dict = field(default_factory=dict)  # slot size -> slots of that size (ExpertGeometry.carve)
+    # slot size -> slots of that size (ExpertGeometry.carve); empty: routed experts are part of their layer groups
+    expert_slot_counts: dict = field(default_factory=dict)
     expert_slot_extra: int = 0              # float32 copies per slot beside its bytes (the exact mode), else 0
     expert_total: int = 0                   # routed experts in the model (layers x experts)
     routed_bytes_per_token: int = 0         # file bytes of the top-k experts of every layer, one token
@@ -89,10 +88,12 @@ class Plan:
         return sum(self.group_bytes[g] for g in self.streamed)
 
     @property
+    def expert_slots(self) -> int:
+        return sum(self.expert_slot_counts.values())
+
+    @property
     def expert_cache_bytes(self) -> int:
-        if self.expert_slot_counts:
-            return sum((size + self.expert_slot_extra) * n for size, n in self.expert_slot_counts.items())
-        return self.expert_slots * self.expert_slot_bytes
+        return sum((size + self.expert_slot_extra) * n for size, n in self.expert_slot_counts.items())
 
     @property
     def expected_expert_read_bytes(self) -> int:
@@ -152,8 +153,7 @@ class Plan:
             rows.insert(4, ("load buffer (a whole layer, read to cut this rank's shard)", self.load_buffer_bytes))
         if self.expert_slots:
             share = 100 * self.expert_slots / self.expert_total
-            pools = " + ".join(f"{n} x {format_bytes(size)}" for size, n in sorted(self.expert_slot_counts.items())) \
-                or f"{self.expert_slots} x {format_bytes(self.expert_slot_bytes)}"
+            pools = " + ".join(f"{n} x {format_bytes(size)}" for size, n in sorted(self.expert_slot_counts.items()))
             rows.insert(4, (f"expert cache ({pools}: "
                             f"{share:.0f}% of the {self.expert_total} routed experts)", self.expert_cache_bytes))
             if self.guide_bytes:
